@@ -1,0 +1,638 @@
+"""What every stage shares: the competition TSVs, preprocessing, the product store, text,
+the official NDCG@5, submission rules, seeding, checkpoints and distributed helpers.
+
+Preprocess a data root (train rows -> one ``{product_id}.npz`` each, plus ``info/``):
+    python utils.py preprocess --data DATA [--features DATA/features] [--info info] [--workers 2]
+"""
+import argparse
+import base64
+import binascii
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import pickle
+import random
+import re
+import sys
+from collections import Counter
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+FEAT_DIM = 2048
+N_CLASSES = 33
+COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "boxes", "features",
+           "class_labels", "query", "query_id"]
+META_COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "query", "query_id"]
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+PAD, UNK, BOS, EOS = range(4)
+log = logging.getLogger("kddmm")
+
+
+class DataError(ValueError):
+    """Bad input; the message names the file, the line and the reason."""
+
+
+# --------------------------------------------------------------------------------------
+# TSV rows
+# --------------------------------------------------------------------------------------
+def _decode(field, dtype, shape, name):
+    try:
+        raw = base64.b64decode(field, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError("column %s is not valid base64 (%s)" % (name, e)) from None
+    want = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(raw) != want:
+        raise ValueError("column %s decodes to %d bytes, num_boxes implies %d"
+                         % (name, len(raw), want))
+    return np.frombuffer(raw, dtype).reshape(shape)
+
+
+def parse_row(line, with_arrays=True):
+    """One TSV line (without its newline) -> dict; raises ValueError with the reason."""
+    cols = line.split("\t")
+    if len(cols) != len(COLUMNS):
+        raise ValueError("expected %d tab-separated columns, found %d" % (len(COLUMNS), len(cols)))
+    pid, h, w, n, boxes, feats, labels, query, qid = cols
+    for name, v in (("product_id", pid), ("image_h", h), ("image_w", w), ("num_boxes", n),
+                    ("query_id", qid)):
+        if not v.isdigit() or not v.isascii():
+            raise ValueError("%s must be a non-negative integer, got %r" % (name, v[:40]))
+    n, h, w = int(n), int(h), int(w)
+    if n < 1:
+        raise ValueError("num_boxes must be >= 1, got %d" % n)
+    if h < 1 or w < 1:
+        raise ValueError("image size must be positive, got %dx%d" % (h, w))
+    if not query.strip():
+        raise ValueError("empty query")
+    row = {"product_id": int(pid), "image_h": h, "image_w": w, "num_boxes": n,
+           "query": query, "query_id": int(qid)}
+    if with_arrays:
+        b = _decode(boxes, np.float32, (n, 4), "boxes")
+        f = _decode(feats, np.float32, (n, FEAT_DIM), "features")
+        c = _decode(labels, np.int64, (n,), "class_labels")
+        if not np.isfinite(f).all() or not np.isfinite(b).all():
+            raise ValueError("features or boxes contain NaN or infinity")
+        if ((c < 0) | (c >= N_CLASSES)).any():
+            raise ValueError("class label outside 0..%d" % (N_CLASSES - 1))
+        tol = 1.0  # detectors emit boxes a pixel past the border
+        if ((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]) | (b[:, :2] < -tol).any(1)
+                | (b[:, 2] > h + tol) | (b[:, 3] > w + tol)).any():
+            raise ValueError("box outside the %dx%d image or with bottom<top / right<left" % (h, w))
+        row.update(boxes=b, features=f, class_labels=c)
+    return row
+
+
+def iter_lines(path, start=0, end=None):
+    """Yield (byte offset, text) of the data lines whose first byte lies in [start, end)."""
+    with open(path, "rb") as f:
+        if start == 0:
+            header = f.readline().rstrip(b"\r\n").decode("utf-8", "replace").split("\t")
+            if header[:1] != ["product_id"]:
+                raise DataError("%s:1: missing header row (got %r)" % (path, header[:3]))
+        else:
+            f.seek(start - 1)
+            f.readline()  # finish the line that straddles the boundary
+        pos = f.tell()
+        while end is None or pos < end:
+            raw = f.readline()
+            if not raw:
+                return
+            if not raw.endswith(b"\n"):
+                yield pos, None  # truncated last line
+                return
+            try:
+                text = raw.rstrip(b"\r\n").decode("utf-8")
+            except UnicodeDecodeError as e:
+                text = ValueError("not UTF-8 (%s)" % e.reason)
+            yield pos, text
+            pos += len(raw)
+
+
+def line_number(path, offset):
+    """1-based line number of the line starting at byte ``offset`` (counted on demand)."""
+    n, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            chunk = f.read(min(1 << 24, offset - done))
+            n += chunk.count(b"\n")
+            done += len(chunk)
+    return n
+
+
+def read_candidates(path, skip_bad=False):
+    """Read a valid/test TSV -> {query_id: {"query": str, "products": [row dicts]}}.
+
+    Candidate splits are small (about 15k rows) and read directly, as the original did.
+    """
+    out, bad = {}, []
+    for off, text in iter_lines(path):
+        try:
+            if text is None:
+                raise ValueError("truncated last line")
+            if isinstance(text, Exception):
+                raise text
+            row = parse_row(text)
+        except ValueError as e:
+            msg = "%s:%d: %s" % (path, line_number(path, off), e)
+            if not skip_bad:
+                raise DataError(msg) from None
+            bad.append(msg)
+            continue
+        q = out.setdefault(row["query_id"], {"query": row["query"], "products": []})
+        if q["query"] != row["query"]:
+            raise DataError("%s:%d: query_id %d has two different texts"
+                            % (path, line_number(path, off), row["query_id"]))
+        q["products"].append(row)
+    if bad:
+        log.warning("%s: skipped %d bad rows:\n  %s", path, len(bad), "\n  ".join(bad[:20]))
+    return out
+
+
+def load_answers(path, candidates=None):
+    """valid_answer.json -> {int query_id: set(product ids)}; checks them against candidates."""
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    answers = {int(q): set(int(p) for p in ps) for q, ps in raw.items()}
+    if candidates is not None:
+        for q, ps in answers.items():
+            if q not in candidates:
+                raise DataError("%s: query %d has answers but no candidates" % (path, q))
+            missing = ps - {r["product_id"] for r in candidates[q]["products"]}
+            if missing:
+                log.warning("%s: query %d: %d answers are not among its candidates (they can "
+                            "never be ranked; NDCG stays below 1)", path, q, len(missing))
+    return answers
+
+
+# --------------------------------------------------------------------------------------
+# Boxes, the product store and padding
+# --------------------------------------------------------------------------------------
+def normalize_boxes(boxes, h, w):
+    """(n, 4) pixel boxes (top, left, bottom, right) -> (n, 5) in [0, 1] plus the area."""
+    b = np.asarray(boxes, np.float32) / np.array([h, w, h, w], np.float32)
+    b = np.clip(b, 0.0, 1.0)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return np.concatenate([b, area[:, None]], 1).astype(np.float32)
+
+
+def save_npz_atomic(path, compress=False, **arrays):
+    tmp = path + ".tmp%d" % os.getpid()
+    with open(tmp, "wb") as f:
+        (np.savez_compressed if compress else np.savez)(f, **arrays)
+    os.replace(tmp, path)
+
+
+class ProductStore:
+    """Per-product ``.npz`` files, opened lazily and closed at once.
+
+    ``get(pid)`` -> (boxes (n, 5) normalised, features (n, 2048) float32, labels (n,)).
+    """
+
+    def __init__(self, folder, max_boxes=None):
+        self.folder, self.max_boxes = folder, max_boxes
+
+    def path(self, pid):
+        return os.path.join(self.folder, "%d.npz" % int(pid))
+
+    def get(self, pid):
+        path = self.path(pid)
+        try:
+            with np.load(path) as z:
+                h, w = z["image_hw"]
+                boxes, feats, labels = z["boxes"], z["features"], z["class_labels"]
+        except FileNotFoundError:
+            raise DataError("%s: missing; rerun `python utils.py preprocess`" % path) from None
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise DataError("%s: unreadable or corrupt (%s); delete it and rerun preprocess"
+                            % (path, e)) from None
+        k = self.max_boxes or len(labels)
+        return normalize_boxes(boxes[:k], h, w), np.asarray(feats[:k], np.float32), labels[:k]
+
+
+def row_regions(row, max_boxes=None):
+    """A decoded TSV row -> the same (boxes5, features, labels) triple as ProductStore.get."""
+    k = max_boxes or row["num_boxes"]
+    return (normalize_boxes(row["boxes"][:k], row["image_h"], row["image_w"]),
+            np.asarray(row["features"][:k], np.float32), row["class_labels"][:k])
+
+
+def pad_regions(items):
+    """[(boxes (n_i, 5), features (n_i, D)), ...] -> boxes (B, N, 5), feats (B, N, D), mask (B, N).
+
+    ``mask`` is True on real boxes; padding is zeros.
+    """
+    import torch
+    n = max(len(b) for b, _ in items)
+    B, D = len(items), items[0][1].shape[1]
+    boxes = np.zeros((B, n, 5), np.float32)
+    feats = np.zeros((B, n, D), np.float32)
+    mask = np.zeros((B, n), bool)
+    for i, (b, f) in enumerate(items):
+        boxes[i, :len(b)], feats[i, :len(f)], mask[i, :len(b)] = b, f, True
+    return torch.from_numpy(boxes), torch.from_numpy(feats), torch.from_numpy(mask)
+
+
+def pad_tokens(seqs, pad=PAD):
+    """[[id, ...], ...] -> LongTensor (B, L) padded with ``pad``, lengths (B,)."""
+    import torch
+    L = max(1, max(len(s) for s in seqs))
+    out = torch.full((len(seqs), L), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------
+_ASCII_TOKEN = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
+_jieba = None
+_stopwords = None
+
+
+def _jieba_cut(text):
+    global _jieba
+    if _jieba is None:
+        import jieba
+        jieba.setLogLevel(logging.WARNING)
+        jieba.initialize()
+        _jieba = jieba
+    return _jieba.lcut(text)
+
+
+def stopwords():
+    global _stopwords
+    if _stopwords is None:
+        _stopwords = set()
+        for name in ("en.txt", "zh.txt"):
+            with open(os.path.join(ROOT, "stopwords", name), encoding="utf-8") as f:
+                _stopwords |= {w.strip() for w in f if w.strip() and not w.startswith("#")}
+    return _stopwords
+
+
+def tokenize(text, drop_stopwords=True):
+    """Lower-case; ASCII words keep hyphens/apostrophes ("t-shirt"); Chinese goes to jieba."""
+    tokens = []
+    for chunk in text.lower().split():
+        if chunk.isascii():
+            tokens += _ASCII_TOKEN.findall(chunk)
+        else:
+            for t in _jieba_cut(chunk):
+                t = t.strip()
+                if t and (not t.isascii() or _ASCII_TOKEN.fullmatch(t)) and re.search(r"\w", t):
+                    tokens.append(t)
+    if drop_stopwords:
+        sw = stopwords()
+        tokens = [t for t in tokens if t not in sw]
+    return tokens
+
+
+class Vocab:
+    """Token <-> id, with ``<pad> <unk> <bos> <eos>`` first."""
+
+    def __init__(self, itos):
+        if list(itos[:4]) != SPECIALS:
+            raise ValueError("a vocabulary starts with %s" % SPECIALS)
+        self.itos = list(itos)
+        self.stoi = {t: i for i, t in enumerate(self.itos)}
+
+    @classmethod
+    def build(cls, token_lists, min_count=1):
+        counts = Counter(t for ts in token_lists for t in ts)
+        words = sorted((w for w, c in counts.items() if c >= min_count),
+                       key=lambda w: (-counts[w], w))
+        return cls(SPECIALS + words), counts
+
+    def encode(self, tokens):
+        return [self.stoi.get(t, UNK) for t in tokens]
+
+    def decode(self, ids):
+        return [self.itos[i] for i in ids if i >= len(SPECIALS)]
+
+    def __len__(self):
+        return len(self.itos)
+
+
+# --------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------
+def byte_ranges(path, n):
+    size = os.path.getsize(path)
+    cuts = [size * i // n for i in range(n + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _preprocess_range(job):
+    """Worker: decode rows of one byte range, write their .npz, return metadata and bad rows."""
+    path, start, end, features, compress, skip_bad = job
+    meta, bad = [], []
+    for off, text in iter_lines(path, start, end):
+        try:
+            if text is None:
+                raise ValueError("truncated last line (no newline)")
+            if isinstance(text, Exception):
+                raise text
+            out = os.path.join(features, text.split("\t", 1)[0] + ".npz")
+            row = parse_row(text, with_arrays=not os.path.exists(out))
+            if "features" in row:
+                save_npz_atomic(out, compress, features=row["features"], boxes=row["boxes"],
+                                class_labels=row["class_labels"],
+                                image_hw=np.array([row["image_h"], row["image_w"]], np.int64))
+        except ValueError as e:
+            bad.append((off, str(e)))
+            if not skip_bad:
+                break
+            continue
+        meta.append((off,) + tuple(row[c] for c in META_COLUMNS))
+    return meta, bad
+
+
+def preprocess(data, features=None, info="info", workers=1, skip_bad=False, compress=False,
+               kmeans_k=None, seed=0, min_count=1, progress=True):
+    """train.tsv -> ``features/{pid}.npz`` + ``info/``. Returns the train DataFrame."""
+    import pandas as pd
+    path = os.path.join(data, "train", "train.tsv")
+    if not os.path.exists(path):
+        raise DataError("%s: not found (is --data a competition data root?)" % path)
+    features = features or os.path.join(data, "features")
+    os.makedirs(features, exist_ok=True)
+    os.makedirs(info, exist_ok=True)
+    n_jobs = max(1, workers) * 8  # small jobs keep the progress bar and the workers busy
+    jobs = [(path, s, e, features, compress, skip_bad) for s, e in byte_ranges(path, n_jobs)]
+    meta, bad = [], []
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), desc="preprocess", unit="chunk", disable=not progress)
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for m, b in pool.imap(_preprocess_range, jobs):
+                meta += m
+                bad += b
+                bar.update()
+    else:
+        for job in jobs:
+            m, b = _preprocess_range(job)
+            meta += m
+            bad += b
+            bar.update()
+    bar.close()
+    bad = [(line_number(path, off), reason) for off, reason in sorted(bad)]
+    if bad and not skip_bad:
+        raise DataError("%s:%d: %s (use --skip-bad to skip and count bad rows)" % (path, *bad[0]))
+    df = pd.DataFrame([m[1:] for m in meta], columns=META_COLUMNS)
+    dup = df.duplicated("product_id", keep="first")
+    if dup.any():
+        first = df[dup].iloc[0]
+        msg = "product_id %d appears on %d rows more than once" % (first.product_id, dup.sum())
+        if not skip_bad:
+            raise DataError("%s: duplicate %s" % (path, msg))
+        bad.append((0, "duplicate " + msg + " (kept the first)"))
+        df = df[~dup]
+    df = df.reset_index(drop=True)
+    if bad:
+        log.warning("%s: skipped %d bad rows:\n  %s", path, len(bad),
+                    "\n  ".join("line %d: %s" % b for b in bad[:50]))
+    build_info(df, info, kmeans_k=kmeans_k, seed=seed, min_count=min_count)
+    return df
+
+
+def atomic_pickle(obj, path):
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(obj, f, protocol=4)
+    os.replace(path + ".tmp", path)
+
+
+def atomic_json(obj, path):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def build_info(df, info, kmeans_k=None, seed=0, min_count=1):
+    """Query map, last-word groups, K-Means clusters and vocabulary -> ``info/``."""
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    atomic_pickle(df, os.path.join(info, "data.pkl"))
+    g = df.groupby("query_id", sort=True)
+    texts = g["query"].first()
+    if (g["query"].nunique() > 1).any():
+        q = int(texts.index[(g["query"].nunique() > 1).values][0])
+        raise DataError("train: query_id %d carries two different query texts" % q)
+    qids = texts.index.to_numpy(np.int64)
+    tokens = [tokenize(t) for t in texts]
+    products = [np.asarray(v, np.int64) for v in g["product_id"].agg(list)]
+    last = [ts[-1] if ts else "<empty>" for ts in tokens]
+    groups = {}
+    for i, w in enumerate(last):
+        groups.setdefault(w, []).append(i)
+    k = kmeans_k or max(2, min(1000, len(qids) // 20))
+    k = min(k, len(qids))
+    vec = TfidfVectorizer(analyzer=lambda s: s).fit_transform(
+        [ts or ["<empty>"] for ts in tokens])
+    km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096)
+    clusters = km.fit_predict(vec).astype(np.int64)
+    vocab, counts = Vocab.build(tokens, min_count)
+    atomic_pickle({"query_id": qids, "text": list(texts), "tokens": tokens,
+                   "products": products, "last_word": np.array(last, dtype=object),
+                   "groups": {w: np.asarray(v, np.int64) for w, v in groups.items()},
+                   "cluster": clusters}, os.path.join(info, "queries.pkl"))
+    atomic_json({"itos": vocab.itos, "counts": {w: counts[w] for w in vocab.itos[4:]},
+                 "min_count": min_count}, os.path.join(info, "vocab.json"))
+    atomic_json({"rows": len(df), "products": int(df.product_id.nunique()),
+                 "queries": len(qids), "vocab": len(vocab), "kmeans_k": k,
+                 "last_word_groups": len(groups), "seed": seed},
+                os.path.join(info, "meta.json"))
+    log.info("info: %d rows, %d queries, %d words, %d last-word groups, %d clusters",
+             len(df), len(qids), len(vocab), len(groups), k)
+
+
+def load_info(info="info"):
+    """-> (queries dict from ``queries.pkl``, Vocab). Only load this project's own outputs."""
+    path = os.path.join(info, "queries.pkl")
+    if not os.path.exists(path):
+        raise DataError("%s: not found; run `python utils.py preprocess --data DATA --info %s`"
+                        % (path, info))
+    with open(path, "rb") as f:
+        queries = pickle.load(f)
+    with open(os.path.join(info, "vocab.json"), encoding="utf-8") as f:
+        vocab = Vocab(json.load(f)["itos"])
+    return queries, vocab
+
+
+# --------------------------------------------------------------------------------------
+# The official metric and the submission rules
+# --------------------------------------------------------------------------------------
+def rank(scored):
+    """[(pid, score), ...] -> pids by score descending, ties broken by product id ascending."""
+    return [int(p) for p, s in sorted(scored, key=lambda x: (-float(x[1]), int(x[0])))]
+
+
+def ndcg_one(ranked, answers, k=5):
+    """Official NDCG@k of one ranked list against a set of correct product ids."""
+    answers = {int(a) for a in answers}
+    if not answers:
+        return 0.0
+    dcg = sum(1.0 / math.log2(i + 2) for i, p in enumerate(ranked[:k]) if int(p) in answers)
+    idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(answers), k)))
+    return dcg / idcg
+
+
+def ndcg_at_k(predictions, answers, k=5):
+    """Mean official NDCG@k over every query of ``answers``.
+
+    predictions: {query_id: [(pid, score), ...]} (ranked here, ties by product id) or
+    {query_id: [pid, ...]} already ranked. Keys may be str or int. A query of the answer
+    file missing from the predictions is an error.
+    """
+    preds = {int(q): v for q, v in predictions.items()}
+    total = 0.0
+    for q, ans in answers.items():
+        if int(q) not in preds:
+            raise DataError("predictions have no entry for query %s" % q)
+        v = preds[int(q)]
+        ranked = rank(v) if v and isinstance(v[0], (list, tuple)) else [int(p) for p in v]
+        total += ndcg_one(ranked, ans, k)
+    return total / max(1, len(answers))
+
+
+def check_submission(rows, candidates=None, answers=None):
+    """Apply the official rules to [(query_id, [5 pids]), ...]; raise DataError on a breach."""
+    seen = set()
+    for i, (q, pids) in enumerate(rows, start=2):
+        where = "submission line %d (query %s)" % (i, q)
+        if len(pids) != 5:
+            raise DataError("%s: %d products, exactly 5 are required" % (where, len(pids)))
+        if any(not str(p).isdigit() for p in pids):
+            raise DataError("%s: empty or non-digit product id in %s" % (where, pids))
+        if len(set(map(int, pids))) != 5:
+            raise DataError("%s: duplicate product ids %s" % (where, pids))
+        if candidates is not None:
+            allowed = {r["product_id"] if isinstance(r, dict) else int(r)
+                       for r in candidates[int(q)]}
+            if not set(map(int, pids)) <= allowed:
+                raise DataError("%s: products that are not candidates of the query" % where)
+        seen.add(int(q))
+    if answers is not None:
+        missing = set(map(int, answers)) - seen
+        if missing:
+            raise DataError("submission lacks %d queries of the answer file, e.g. %d"
+                            % (len(missing), min(missing)))
+
+
+# --------------------------------------------------------------------------------------
+# Seeds, checkpoints, distributed
+# --------------------------------------------------------------------------------------
+def seed_everything(seed, rank=0):
+    import torch
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def save_checkpoint(state, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a torn checkpoint."""
+    import torch
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    import torch
+    if not os.path.exists(path):
+        raise DataError("%s: checkpoint not found" % path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def add_launcher_args(parser):
+    """Accept what every launcher passes: --local-rank=N, --local_rank N, or LOCAL_RANK."""
+    parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int,
+                        default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+
+
+class Dist:
+    """Process-group state from the environment (torchrun / torch.distributed.launch)."""
+
+    def __init__(self, local_rank=0):
+        import torch
+        import torch.distributed as td
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not td.is_initialized():
+            td.init_process_group("nccl" if cuda else "gloo")
+        self.enabled = self.world > 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            import torch.distributed as td
+            td.barrier()
+
+    def mean(self, values):
+        """All-reduce a dict of floats to their mean over ranks (for logging)."""
+        if not self.enabled:
+            return values
+        import torch
+        import torch.distributed as td
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                         device=self.device)
+        td.all_reduce(t)
+        return {k: v / self.world for k, v in zip(keys, t.tolist())}
+
+    def close(self):
+        if self.enabled:
+            import torch.distributed as td
+            if td.is_initialized():
+                td.destroy_process_group()
+
+
+def setup_logging(main=True):
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Shared data tools.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("preprocess", help="train.tsv -> features/*.npz + info/")
+    pp.add_argument("--data", required=True, help="competition data root")
+    pp.add_argument("--features", help="output folder for .npz (default DATA/features)")
+    pp.add_argument("--info", default=os.path.join(ROOT, "info"), help="output info folder")
+    pp.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    pp.add_argument("--skip-bad", action="store_true", help="skip, count and list bad rows")
+    pp.add_argument("--compress", action="store_true", help="np.savez_compressed (smaller, slower)")
+    pp.add_argument("--kmeans-k", type=int, help="K-Means clusters (default queries/20, <=1000)")
+    pp.add_argument("--min-count", type=int, default=1, help="vocabulary minimum count")
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    setup_logging()
+    a = parse_args(argv)
+    try:
+        preprocess(a.data, a.features, a.info, a.workers, a.skip_bad, a.compress, a.kmeans_k,
+                   a.seed, a.min_count, progress=not a.no_progress)
+    except DataError as e:
+        sys.exit("error: %s" % e)
+
+
+if __name__ == "__main__":
+    main()
