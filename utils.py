@@ -522,6 +522,306 @@ def check_submission(rows, candidates=None, answers=None):
 
 
 # --------------------------------------------------------------------------------------
+# Training samples: hard negatives, (query, product) pairs, candidates, prediction files
+# --------------------------------------------------------------------------------------
+def _ragged(lists, dtype=np.int64):
+    """[[int, ...], ...] -> (flat, offsets (len + 1,)); item i is flat[off[i]:off[i+1]]."""
+    off = np.zeros(len(lists) + 1, np.int64)
+    np.cumsum([len(x) for x in lists], out=off[1:])
+    flat = np.zeros(int(off[-1]), dtype)
+    for i, x in enumerate(lists):
+        flat[off[i]:off[i + 1]] = x
+    return flat, off
+
+
+def _groups(labels, members):
+    """labels (Q,) any hashable, members: sorted query indices to keep ->
+    (group id (Q,), flat members sorted ascending within each group, offsets (G + 1,))."""
+    _, gid = np.unique(np.asarray(labels), return_inverse=True)
+    gid = gid.reshape(-1).astype(np.int64)
+    flat = members[np.argsort(gid[members], kind="stable")]
+    off = np.zeros(gid.max() + 2 if len(gid) else 1, np.int64)
+    np.cumsum(np.bincount(gid[members], minlength=len(off) - 1), out=off[1:])
+    return gid, flat, off
+
+
+def _pick(members, exclude, rng):
+    """A uniform draw from ``members`` (sorted) minus ``exclude`` (sorted, unique), or None.
+
+    Exact and loop-free in the group size: the r-th allowed member is found by skipping the
+    excluded positions, so a group holding only excluded queries costs nothing to detect.
+    """
+    if len(members) == 0:
+        return None
+    idx = np.searchsorted(members, exclude)
+    hit = idx[(idx < len(members)) & (members[np.minimum(idx, len(members) - 1)] == exclude)]
+    n = len(members) - len(hit)
+    if n <= 0:
+        return None
+    r = int(rng.integers(n))
+    for h in hit:  # ascending
+        if h > r:
+            break
+        r += 1
+    return int(members[r])
+
+
+class NegativeSampler:
+    """Hard negative queries and products (SPEC §4), from numpy arrays only.
+
+    With probability ``p_last`` a negative query shares the query's last word; otherwise it
+    comes from the query's K-Means cluster (``fallback="cluster"``, model1) or, half and
+    half, from the cluster or from all queries (``"cluster_or_random"``, model2). A group
+    with no allowed query falls through to the other group, then to all queries. Allowed:
+    another text, no product in common with the query, at least one token and one product.
+    Everything lives in flat arrays plus offsets, so forked DataLoader workers share the
+    pages instead of touching (and copying) millions of Python objects.
+    """
+
+    FALLBACKS = ("cluster", "cluster_or_random")
+
+    def __init__(self, queries, p_last=0.8, fallback="cluster"):
+        if fallback not in self.FALLBACKS:
+            raise ValueError("fallback must be one of %s, got %r" % (self.FALLBACKS, fallback))
+        if not 0.0 <= p_last <= 1.0:
+            raise ValueError("p_last must lie in [0, 1], got %r" % p_last)
+        Q = len(queries["query_id"])
+        if Q < 2:
+            raise ValueError("negative sampling needs at least 2 queries, got %d" % Q)
+        self.p_last, self.fallback = float(p_last), fallback
+        products = queries["products"]
+        self.prod_flat, self.prod_off = _ragged(products)
+        tokens = queries.get("tokens")
+        self.allowed = np.flatnonzero([len(products[i]) > 0
+                                       and (tokens is None or len(tokens[i]) > 0)
+                                       for i in range(Q)])
+        everyone = np.arange(Q)
+        self.last_id, self.last_flat, self.last_off = _groups(
+            np.asarray(queries["last_word"], dtype=object).astype(str), self.allowed)
+        self.clu_id, self.clu_flat, self.clu_off = _groups(queries["cluster"], self.allowed)
+        self.text_id, self.text_flat, self.text_off = _groups(
+            np.asarray(queries["text"], dtype=object).astype(str), everyone)
+        # product -> the queries it is a positive of (real data may share products)
+        owner = np.repeat(everyone, np.diff(self.prod_off))
+        order = np.argsort(self.prod_flat, kind="stable")
+        self.pids, counts = np.unique(self.prod_flat[order], return_counts=True)
+        self.owner_flat = owner[order]
+        self.owner_off = np.concatenate([[0], np.cumsum(counts)])
+
+    def _excluded(self, qi):
+        """Sorted queries that cannot be qi's negative: itself, same text, shared products."""
+        ks = np.searchsorted(self.pids, self.prod_flat[self.prod_off[qi]:self.prod_off[qi + 1]])
+        t = self.text_id[qi]
+        parts = [self.owner_flat[self.owner_off[k]:self.owner_off[k + 1]] for k in ks]
+        parts += [self.text_flat[self.text_off[t]:self.text_off[t + 1]], [qi]]
+        return np.unique(np.concatenate(parts).astype(np.int64))
+
+    def _members(self, name, qi):
+        if name == "last":
+            g = self.last_id[qi]
+            return self.last_flat[self.last_off[g]:self.last_off[g + 1]]
+        g = self.clu_id[qi]
+        return self.clu_flat[self.clu_off[g]:self.clu_off[g + 1]]
+
+    def negative_query(self, qi, rng):
+        """A query index != qi, drawn as the class docstring says; rng: np.random.Generator."""
+        qi = int(qi)
+        u = rng.random()
+        if u < self.p_last:
+            order = ("last", "cluster")
+        elif self.fallback == "cluster" or u < (1.0 + self.p_last) / 2:
+            order = ("cluster", "last")
+        else:
+            order = ()
+        exclude = self._excluded(qi)
+        for name in order:
+            j = _pick(self._members(name, qi), exclude, rng)
+            if j is not None:
+                return j
+        j = _pick(self.allowed, exclude, rng)
+        if j is None:
+            raise DataError("query index %d has no possible negative: every other query shares "
+                            "its text or a product, or has no tokens" % qi)
+        return j
+
+    def negative_product(self, qi, rng):
+        """A product id of a fresh negative query; never a positive of qi."""
+        j = self.negative_query(qi, rng)
+        a, b = self.prod_off[j], self.prod_off[j + 1]
+        return int(self.prod_flat[a + rng.integers(b - a)])
+
+
+class PairDataset:
+    """One item per positive (query, product) pair, for torch's DataLoader (map-style).
+
+    Queries without tokens are skipped. Item i of epoch e draws its negatives from
+    ``default_rng([seed, e, i])``, so it is the same whatever worker or rank loads it; call
+    ``set_epoch`` before each epoch (and keep ``persistent_workers=False``, or workers keep
+    the old epoch). Not a torch Dataset subclass only so that ``import utils`` needs no
+    torch; the DataLoader needs nothing but ``__len__`` and ``__getitem__``.
+    """
+
+    def __init__(self, queries, vocab, store, sampler=None, seed=0, max_words=None):
+        ids = [vocab.encode(t)[:max_words] if max_words else vocab.encode(t)
+               for t in queries["tokens"]]
+        self.tok_flat, self.tok_off = _ragged(ids, np.int32)
+        keep = [i for i, t in enumerate(ids) if t]
+        prods = [np.asarray(queries["products"][i], np.int64) for i in keep]
+        self.pair_query = np.repeat(np.asarray(keep, np.int64), [len(p) for p in prods])
+        self.pair_product = np.concatenate(prods) if prods else np.zeros(0, np.int64)
+        skipped = len(ids) - len(keep)
+        if skipped:
+            log.warning("PairDataset: skipped %d of %d queries with no token left after "
+                        "stopword removal", skipped, len(ids))
+        if len(self.pair_query) == 0:
+            raise DataError("PairDataset: no (query, product) pair to train on")
+        self.store, self.sampler, self.seed, self.epoch = store, sampler, int(seed), 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.pair_query)
+
+    def tokens(self, qi):
+        return self.tok_flat[self.tok_off[qi]:self.tok_off[qi + 1]].tolist()
+
+    def __getitem__(self, i):
+        """-> {q: [ids], qi, pid, p: (boxes (n, 5), feats (n, D))} and, with a sampler,
+        {nq: [ids], nqi, npid, np: (boxes (m, 5), feats (m, D))}."""
+        i = int(i)
+        qi, pid = int(self.pair_query[i]), int(self.pair_product[i])
+        boxes, feats, _ = self.store.get(pid)
+        item = {"q": self.tokens(qi), "qi": qi, "pid": pid, "p": (boxes, feats)}
+        if self.sampler is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            nqi = self.sampler.negative_query(qi, rng)
+            npid = self.sampler.negative_product(qi, rng)
+            nboxes, nfeats, _ = self.store.get(npid)
+            item.update(nq=self.tokens(nqi), nqi=nqi, npid=npid, np=(nboxes, nfeats))
+        return item
+
+
+def collate_pairs(batch):
+    """PairDataset items -> dict of tensors (L: longest query, N/M: most boxes, PAD = 0).
+
+    q_tokens (B, L) long, q_len (B,), qi (B,), pid (B,), p_boxes (B, N, 5), p_feats (B, N, D),
+    p_mask (B, N) bool (True on real boxes); caption_in (B, L+1) = [BOS] + ids,
+    caption_out (B, L+1) = ids + [EOS], caption_len (B,) = q_len + 1; with negatives also
+    nq_tokens (B, L'), nq_len, nqi, npid, n_boxes (B, M, 5), n_feats (B, M, D), n_mask (B, M).
+    """
+    import torch
+    qs = [b["q"] for b in batch]
+    out = {}
+    out["q_tokens"], out["q_len"] = pad_tokens(qs)
+    out["qi"] = torch.tensor([b["qi"] for b in batch], dtype=torch.long)
+    out["pid"] = torch.tensor([b["pid"] for b in batch], dtype=torch.long)
+    out["p_boxes"], out["p_feats"], out["p_mask"] = pad_regions([b["p"] for b in batch])
+    out["caption_in"], out["caption_len"] = pad_tokens([[BOS] + q for q in qs])
+    out["caption_out"], _ = pad_tokens([q + [EOS] for q in qs])
+    if "nq" in batch[0]:
+        out["nq_tokens"], out["nq_len"] = pad_tokens([b["nq"] for b in batch])
+        out["nqi"] = torch.tensor([b["nqi"] for b in batch], dtype=torch.long)
+        out["npid"] = torch.tensor([b["npid"] for b in batch], dtype=torch.long)
+        out["n_boxes"], out["n_feats"], out["n_mask"] = pad_regions([b["np"] for b in batch])
+    return out
+
+
+class CandidateSet:
+    """A valid/test split laid out for scoring: encode every product once, then each query.
+
+    Queries (sorted by id): ``qids`` (Q,) int64, ``texts``, ``tokens`` (lists of ids, EMPTY
+    for a query of stopwords only: models must still score it). Products: ``pids`` (P,)
+    int64, ``pos`` (P,) the position of their query, ``offsets`` (Q + 1,) so query k owns
+    ``pids[offsets[k]:offsets[k+1]]``; regions in ``boxes`` (R, 5), ``feats`` (R, D) with
+    ``box_off`` (P + 1,).
+    """
+
+    def __init__(self, candidates, vocab, max_boxes=None, max_words=None):
+        self.qids = np.array(sorted(candidates), np.int64)
+        self.texts = [candidates[q]["query"] for q in self.qids]
+        self.tokens = [vocab.encode(tokenize(t))[:max_words] if max_words
+                       else vocab.encode(tokenize(t)) for t in self.texts]
+        rows = [candidates[q]["products"] for q in self.qids]
+        self.offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        self.pos = np.repeat(np.arange(len(rows)), np.diff(self.offsets))
+        flat = [r for rs in rows for r in rs]
+        self.pids = np.array([r["product_id"] for r in flat], np.int64)
+        regions = [row_regions(r, max_boxes) for r in flat]
+        self.box_off = np.concatenate([[0], np.cumsum([len(b) for b, _, _ in regions])])
+        self.boxes = (np.concatenate([b for b, _, _ in regions]) if flat
+                      else np.zeros((0, 5), np.float32))
+        self.feats = (np.concatenate([f for _, f, _ in regions]) if flat
+                      else np.zeros((0, FEAT_DIM), np.float32))
+
+    @classmethod
+    def from_tsv(cls, path, vocab, max_boxes=None, max_words=None, skip_bad=False):
+        return cls(read_candidates(path, skip_bad), vocab, max_boxes, max_words)
+
+    def __len__(self):
+        return len(self.qids)
+
+    def product_batches(self, batch_size):
+        """Yield {boxes (B, N, 5), feats (B, N, D), mask (B, N), pids (B,), pos (B,),
+        index (B,) positions in ``pids``} over every product, in order."""
+        import torch
+        for s in range(0, len(self.pids), batch_size):
+            idx = np.arange(s, min(s + batch_size, len(self.pids)))
+            items = [(self.boxes[self.box_off[k]:self.box_off[k + 1]],
+                      self.feats[self.box_off[k]:self.box_off[k + 1]]) for k in idx]
+            boxes, feats, mask = pad_regions(items)
+            yield {"boxes": boxes, "feats": feats, "mask": mask,
+                   "pids": torch.from_numpy(self.pids[idx]), "pos": torch.from_numpy(self.pos[idx]),
+                   "index": torch.from_numpy(idx)}
+
+    def query_batches(self, batch_size):
+        """Yield {tokens (B, L) long, lengths (B,) (may be 0), pos (B,), qids (B,)}."""
+        import torch
+        for s in range(0, len(self.qids), batch_size):
+            idx = np.arange(s, min(s + batch_size, len(self.qids)))
+            tokens, lengths = pad_tokens([self.tokens[k] for k in idx])
+            yield {"tokens": tokens, "lengths": lengths, "pos": torch.from_numpy(idx),
+                   "qids": torch.from_numpy(self.qids[idx])}
+
+    def predictions(self, scores):
+        """Scores (P,) aligned with ``pids`` -> {qid: [(pid, score), ...]}."""
+        scores = np.asarray(scores, np.float64).reshape(-1)
+        if len(scores) != len(self.pids):
+            raise ValueError("%d scores for %d candidates" % (len(scores), len(self.pids)))
+        return {int(q): [(int(p), float(s)) for p, s in
+                         zip(self.pids[a:b], scores[a:b])]
+                for q, a, b in zip(self.qids, self.offsets[:-1], self.offsets[1:])}
+
+
+def write_predictions(scores, path):
+    """{qid: [(pid, score), ...]} -> ``{"<qid>": [["<pid>", score], ...]}`` (SPEC §4), each
+    list in ``rank`` order (score descending, then product id), written atomically."""
+    out = {}
+    for q, items in scores.items():
+        items = [(int(p), float(s)) for p, s in items]
+        bad = [p for p, s in items if not math.isfinite(s)]
+        if bad:
+            raise DataError("%s: query %s: product %d has a NaN or infinite score"
+                            % (path, q, bad[0]))
+        if len({p for p, _ in items}) != len(items):
+            raise DataError("%s: query %s lists a product twice" % (path, q))
+        items.sort(key=lambda x: (-x[1], x[0]))
+        out[str(int(q))] = [[str(p), s] for p, s in items]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp%d" % os.getpid()
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f)
+    os.replace(tmp, path)
+
+
+def load_predictions(path):
+    """A prediction file -> {int qid: [(int pid, float score), ...]} in file order."""
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    return {int(q): [(int(p), float(s)) for p, s in v] for q, v in raw.items()}
+
+
+# --------------------------------------------------------------------------------------
 # Seeds, checkpoints, distributed
 # --------------------------------------------------------------------------------------
 def seed_everything(seed, rank=0):

@@ -1,0 +1,234 @@
+"""The training loop every stage shares: flags, DDP, AMP, checkpoints, resume, logs.
+
+A stage supplies a model whose ``forward(**batch)`` returns ``(loss, {name: tensor})``,
+its parameter groups, a dataset with ``set_epoch``, a collate, and optionally an
+``evaluate(model) -> {metric: float}`` run on rank 0 after each epoch.
+"""
+import argparse
+import json
+import logging
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+import utils
+
+log = logging.getLogger("kddmm")
+
+
+def core_parser(description, presets):
+    """The flags every stage's train.py takes, so the stages read alike."""
+    p = argparse.ArgumentParser(description=description)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=os.path.join(utils.ROOT, "data", "small"),
+                   help="competition data root")
+    g.add_argument("--features", help="per-product .npz folder (default DATA/features)")
+    g.add_argument("--info", default=os.path.join(utils.ROOT, "info"), help="info/ folder")
+    g.add_argument("--max-boxes", type=int, help="keep at most this many boxes per product")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    g = p.add_argument_group("training")
+    g.add_argument("--out", required=True, help="checkpoint and log folder")
+    g.add_argument("--preset", default="small", choices=sorted(presets))
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, help="per process")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    g.add_argument("--steps-per-epoch", type=int, help="cap the steps of an epoch")
+    g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="mixed precision on CUDA (auto: bf16 where supported); off on CPU")
+    g.add_argument("--no-progress", action="store_true")
+    utils.add_launcher_args(p)
+    return p
+
+
+def apply_preset(args, presets):
+    """Fill every option left unset with the preset's value; returns args."""
+    for k, v in presets[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.features = args.features or os.path.join(args.data, "features")
+    return args
+
+
+def make_optimizer(groups, gamma):
+    """Adam over explicit parameter groups (each with its own lr and weight decay)."""
+    groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+    for g in groups:
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+    opt = torch.optim.Adam(groups)
+    return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+
+
+def trainable_state(model):
+    """state_dict without frozen parameters: they live once, in the export file."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def rng_state():
+    """torch, numpy and random generator states as tensors and ints (weights_only-safe)."""
+    _, keys, pos, *_ = np.random.get_state()
+    version, internal, _ = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": int(pos), "random": torch.tensor(internal, dtype=torch.int64),
+            "random_version": version}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    random.setstate((s["random_version"], tuple(s["random"].tolist()), None))
+
+
+def amp_setup(mode, device):
+    """-> (autocast dtype or None, GradScaler or None). Mixed precision only on CUDA."""
+    if device.type != "cuda" or mode == "off":
+        return None, None
+    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, None
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+def train_one_epoch(model, loader, opt, dist, args, amp_dtype, scaler, epoch):
+    model.train()
+    sums, n, seen, t0 = {}, 0, 0, time.time()
+    from tqdm import tqdm
+    steps = len(loader) if not args.steps_per_epoch else min(len(loader), args.steps_per_epoch)
+    bar = tqdm(total=steps, desc="epoch %d" % epoch, disable=not dist.main or args.no_progress)
+    for step, batch in enumerate(loader):
+        if step >= steps:
+            break
+        batch = to_device(batch, dist.device)
+        with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            loss, parts = model(**batch)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        parts = {"loss": loss.detach(), **parts}
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+        seen += len(batch["p_feats"])
+        bar.set_postfix(loss="%.4f" % loss.item())
+        bar.update()
+    bar.close()
+    stats = dist.mean({k: v / max(1, n) for k, v in sums.items()})
+    stats["samples_per_s"] = seen * dist.world / max(1e-9, time.time() - t0)
+    return stats
+
+
+def fit(args, model, groups, gamma, dataset, collate, evaluate=None, metric="valid_ndcg5",
+        extra_state=None):
+    """Train ``model`` for ``args.epochs``; checkpoints OUT/last.pt (each epoch) and OUT/best.pt.
+
+    Returns the list of per-epoch log dicts (rank 0; other ranks get theirs without eval).
+    """
+    dist = utils.Dist(args.local_rank)
+    model.to(dist.device)
+    opt, sched = make_optimizer(groups, gamma)
+    start, best, history = 0, -float("inf"), []
+    last = os.path.join(args.out, "last.pt")
+    if args.resume and os.path.exists(last):
+        ck = utils.load_checkpoint(last)
+        check_compatible(ck, args)
+        model.load_state_dict(ck["model"], strict=False)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
+        set_rng_state(ck["rng"])
+        if dist.main:
+            log.info("resumed from %s at epoch %d", last, start)
+    ddp = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
+        if dist.enabled else model
+    sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
+                                 shuffle=True, seed=args.seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        collate_fn=collate, num_workers=args.workers,
+                        pin_memory=dist.device.type == "cuda",
+                        persistent_workers=False)
+    amp_dtype, scaler = amp_setup(args.amp, dist.device)
+    if dist.main:
+        os.makedirs(args.out, exist_ok=True)
+    for epoch in range(start, args.epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        t0 = time.time()
+        stats = train_one_epoch(ddp, loader, opt, dist, args, amp_dtype, scaler, epoch)
+        sched.step()
+        stats.update(epoch=epoch, time_s=round(time.time() - t0, 2),
+                     lr=[g["lr"] for g in opt.param_groups])
+        if dist.main and evaluate is not None:
+            stats.update(evaluate(model))
+        dist.barrier()
+        improved = metric in stats and stats[metric] > best
+        if improved:
+            best = stats[metric]
+        history.append(stats)
+        if dist.main:
+            state = {"model": trainable_state(model), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
+                     "history": history, "args": plain_args(args), "rng": rng_state(),
+                     **(extra_state or {})}
+            utils.save_checkpoint(state, last)
+            if improved or evaluate is None:
+                utils.save_checkpoint(state, os.path.join(args.out, "best.pt"))
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
+                                    for k, v in stats.items()}) + "\n")
+            log.info("epoch %d %s", epoch, json.dumps(
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
+                 if k not in ("lr", "epoch")}))
+        dist.barrier()
+    dist.close()
+    return history
+
+
+def plain_args(args):
+    """vars(args) with plain types only, so checkpoints load with weights_only=True."""
+    return {k: v for k, v in vars(args).items()
+            if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+# options that must match for a checkpoint to be resumed or loaded
+COMPAT_KEYS = ("preset",)
+
+
+def check_compatible(ck, args):
+    for k in COMPAT_KEYS:
+        if k in ck.get("args", {}) and ck["args"][k] != getattr(args, k, None):
+            raise utils.DataError("checkpoint was trained with %s=%r, this run has %r"
+                                  % (k, ck["args"][k], getattr(args, k, None)))
+
+
+@torch.no_grad()
+def encode_products(encode, cset, device, batch_size=256):
+    """Encode every product of a CandidateSet once: encode(boxes, feats, mask) -> (P, ...)."""
+    out = []
+    for b in cset.product_batches(batch_size):
+        out.append(encode(b["boxes"].to(device), b["feats"].to(device),
+                          b["mask"].to(device)).float())
+    return torch.cat(out)
+
+
+def split_paths(data, split):
+    """-> (candidate TSV, answer JSON or None) of a split of a data root."""
+    tsv = os.path.join(data, split, split + ".tsv")
+    ans = os.path.join(data, split, split + "_answer.json")
+    return tsv, ans if os.path.exists(ans) else None

@@ -1,0 +1,111 @@
+"""model1: word–image matching with learned word weights, pairwise (margin) loss.
+
+Per word i and product p: s_i = max over word heads h=1..4 of <e_i, head_h(p)>;
+w_i = softmax over the query's words of MLP([gru_i ; head_0(p)]); score = sum_i w_i s_i.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from multilabel.model import mlp
+
+
+class TextSide(nn.Module):
+    """Word ids -> (frozen word embeddings (B, L, E), GRU states (B, L, H), mask (B, L))."""
+
+    def __init__(self, word_emb, hidden):
+        super().__init__()
+        self.emb = nn.Embedding.from_pretrained(word_emb.clone(), freeze=True, padding_idx=0)
+        self.norm = nn.LayerNorm(word_emb.shape[1])
+        self.gru = nn.GRU(word_emb.shape[1], hidden, num_layers=2, batch_first=True,
+                          bidirectional=True)
+
+    def forward(self, tokens):
+        e = self.emb(tokens)
+        mask = tokens != 0
+        # packed, so the backward direction starts at the last word, not at the padding
+        packed = pack_padded_sequence(self.norm(e), mask.sum(1).clamp(min=1).cpu(),
+                                      batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        out = out.view(*tokens.shape, 2, -1).mean(2)   # forward and backward averaged
+        return e, out, mask
+
+
+class WordImageMatcher(nn.Module):
+    """The exported encoder (trunk frozen) + TextSide + the word-weight MLP."""
+
+    def __init__(self, encoder, word_emb, hidden=256, weight_hidden=512, uniform_weights=False,
+                 margin=0.9):
+        super().__init__()
+        self.encoder = encoder
+        for p in encoder.trunk.parameters():
+            p.requires_grad = False
+        self.text = TextSide(word_emb, hidden)
+        d_word = word_emb.shape[1]
+        # MLP([gru_i ; head_0]) with its first layer split so words and products are
+        # projected once and combined by broadcasting: (Q, L, 1, K) + (1, 1, P, K)
+        self.w_text = nn.Linear(hidden, weight_hidden)
+        self.w_image = nn.Linear(d_word, weight_hidden, bias=False)
+        self.w_out = nn.Sequential(nn.PReLU(), nn.Linear(weight_hidden, 1))
+        self.uniform_weights, self.margin = uniform_weights, margin
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.trunk.eval()  # frozen: no dropout noise either
+        return self
+
+    def encode_image(self, boxes, feats, mask):
+        return self.encoder(boxes, feats, mask)                    # (P, 5, E)
+
+    def encode_text(self, tokens):
+        return self.text(tokens)
+
+    def score_matrix(self, text, heads):
+        """text from encode_text for Q queries, heads (P, 5, E) -> scores (Q, P)."""
+        e, g, m = text
+        s = torch.einsum("qle,phe->qlph", e, heads[:, 1:]).max(-1).values       # (Q, L, P)
+        if self.uniform_weights:
+            w = m[..., None].float().expand_as(s)
+        else:
+            a = self.w_text(g)[:, :, None] + self.w_image(heads[:, 0])[None, None]  # (Q,L,P,K)
+            w = self.w_out(a).squeeze(-1).float()
+        w = w.masked_fill(~m[..., None], float("-inf"))
+        w = torch.softmax(w, dim=1).nan_to_num(0.0)                # empty query -> all zero
+        return (w * s.float()).sum(1)
+
+    def score(self, tokens, heads, pairs):
+        """tokens (Q, L), heads (P, 5, E), pairs (N, 2) of (query, product) indices -> (N,)."""
+        text = self.encode_text(tokens)
+        out = torch.empty(len(pairs), device=heads.device)
+        for q in pairs[:, 0].unique():
+            sel = (pairs[:, 0] == q).nonzero().squeeze(1)
+            t = tuple(x[q:q + 1] for x in text)
+            out[sel] = self.score_matrix(t, heads[pairs[sel, 1]])[0]
+        return out
+
+    def forward(self, q_tokens, qi, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats,
+                n_mask, **_):
+        heads = self.encode_image(p_boxes, p_feats, p_mask)
+        n_heads = self.encode_image(n_boxes, n_feats, n_mask)
+        text, n_text = self.encode_text(q_tokens), self.encode_text(nq_tokens)
+        S = self.score_matrix(text, heads)                                 # (B, B)
+        s_np = self.score_matrix(text, n_heads).diagonal()                 # (q, negative p)
+        s_nq = self.score_matrix(n_text, heads).diagonal()                 # (negative q, p)
+        loss = pairwise_loss(S, s_np, s_nq, qi, self.margin)
+        return loss, {"pos": S.diagonal().mean().detach()}
+
+
+def pairwise_loss(S, s_neg_product, s_neg_query, qi, margin):
+    """Margin ranking against both sampled negatives plus the hardest in-batch negative in
+    both directions (VSE++). S (B, B): S[i, j] = score(query i, product j), positives on the
+    diagonal; entries where query j has the same id as query i are positives, not negatives.
+    """
+    pos = S.diagonal()
+    loss = F.relu(margin - pos + s_neg_product) + F.relu(margin - pos + s_neg_query)
+    same = qi[:, None] == qi[None, :]
+    viol = (margin - pos[:, None] + S).masked_fill(same, 0.0).clamp(min=0)   # query i vs p_j
+    viol_t = (margin - pos[None, :] + S).masked_fill(same, 0.0).clamp(min=0)  # q_j vs p_i
+    loss = loss + viol.max(1).values + viol_t.max(0).values
+    return loss.mean()

@@ -1,0 +1,26 @@
+"""Score every valid/test candidate with model1 and write the prediction files.
+
+    python model1/validation.py --ckpt runs/model1/best.pt --split valid --split testB \
+        [--out prediction_result]
+
+Writes OUT/valid_pred_model1.json and OUT/test_pred_model1.json (testB), each
+{"<query_id>": [["<product_id>", score], ...]} sorted by score, every candidate included;
+prints NDCG@5 where the split has answers.
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import matching  # noqa: E402
+from model1 import train  # noqa: E402
+
+
+def main(argv=None):
+    return matching.validation_main(train, "model1", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""model2: sentence–image matching, pointwise (binary cross-entropy) loss.
+
+The sentence head of the exported encoder is the initial hidden state of a 2-layer
+bidirectional GRU over the query's word embeddings; the last layer's final forward and
+backward states, averaged, go through a Linear layer to one logit per (query, product).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
+
+
+class SentenceImageMatcher(nn.Module):
+    def __init__(self, encoder, word_emb):
+        super().__init__()
+        self.encoder = encoder
+        for p in encoder.trunk.parameters():
+            p.requires_grad = False
+        d = word_emb.shape[1]
+        self.emb = nn.Embedding.from_pretrained(word_emb.clone(), freeze=True, padding_idx=0)
+        self.gru = nn.GRU(d, d, num_layers=2, batch_first=True, bidirectional=True)
+        self.out = nn.Linear(d, 1)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.trunk.eval()  # frozen: no dropout noise either
+        return self
+
+    def encode_image(self, boxes, feats, mask):
+        return self.encoder(boxes, feats, mask)[:, 0]                 # (P, E)
+
+    def logits(self, tokens, image):
+        """tokens (N, L) 0-padded, image (N, E) -> (N,) logits of the aligned pairs.
+
+        An empty query (no words) reads a single <unk> so every pair still gets a score.
+        """
+        lengths = (tokens != 0).sum(1)
+        tokens = tokens.clone()
+        tokens[lengths == 0, 0] = 1
+        lengths = lengths.clamp(min=1)
+        h0 = image[None].expand(4, -1, -1).contiguous()               # (layers*dirs, N, E)
+        packed = pack_padded_sequence(self.emb(tokens), lengths.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        _, h = self.gru(packed, h0.to(self.emb.weight.dtype))
+        return self.out((h[-2] + h[-1]) / 2).squeeze(-1)
+
+    def score(self, tokens, image, pairs):
+        """tokens (Q, L), image (P, E), pairs (N, 2) of (query, product) indices -> (N,)."""
+        return self.logits(tokens[pairs[:, 0]], image[pairs[:, 1]])
+
+    def forward(self, q_tokens, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats, n_mask,
+                **_):
+        img, n_img = self.encode_image(p_boxes, p_feats, p_mask), \
+            self.encode_image(n_boxes, n_feats, n_mask)
+        logits = torch.cat([self.logits(q_tokens, img), self.logits(nq_tokens, img),
+                            self.logits(q_tokens, n_img)])
+        labels = torch.zeros_like(logits)
+        labels[:len(img)] = 1.0
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+        return loss, {"pos_logit": logits[:len(img)].mean().detach()}

@@ -1,0 +1,45 @@
+"""Train model2: sentence–image matching, pointwise (binary cross-entropy) loss.
+
+    python model2/train.py --data DATA --export runs/multilabel/encoder.pt --out runs/model2
+    torchrun --nproc_per_node=N model2/train.py ...
+    python -m torch.distributed.launch --nproc_per_node=N model2/train.py ...
+
+Each positive (q, p) comes with a negative query (last word w.p. 0.8, else the K-Means
+cluster or a random query, half and half) and a negative product; labels (1, 0, 0).
+Keeps OUT/best.pt by valid NDCG@5; then run model2/validation.py.
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import matching  # noqa: E402
+from model2.model import SentenceImageMatcher  # noqa: E402
+
+PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; tiny: tests
+    "paper": dict(batch_size=150, lr_text=1e-4, lr_image=5e-6, weight_decay=1e-6, gamma=0.95,
+                  epochs=2),
+    "small": dict(batch_size=64, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
+                  epochs=4),
+    "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
+                 epochs=2),
+}
+
+
+def parse_args(argv=None):
+    return matching.train_parser(__doc__.split("\n")[0], PRESETS).parse_args(argv)
+
+
+def build_model(encoder, word_emb, args):
+    return SentenceImageMatcher(encoder, word_emb)
+
+
+def main(argv=None):
+    return matching.train_main(sys.modules[__name__], argv, __doc__,
+                               fallback="cluster_or_random")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Export the pretrained image encoder, word embeddings, vocabulary and config in one file.
+
+    python multilabel/export_model.py --ckpt runs/multilabel/best.pt --out runs/multilabel/encoder.pt
+
+model1 and model2 load it with ``load_export`` (strict): the file holds plain tensors and
+types only, so it loads with ``torch.load(weights_only=True)``.
+"""
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import utils  # noqa: E402
+from multilabel.model import ImageEncoder  # noqa: E402
+
+
+def export(ckpt_path, out):
+    ck = utils.load_checkpoint(ckpt_path)
+    state = ck["model"]
+    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    payload = {"config": ck["encoder_config"], "encoder": enc,
+               "word_emb": state["word_emb.weight"].clone(), "vocab": list(ck["vocab"]),
+               "source": {"checkpoint": os.path.abspath(ckpt_path), "epoch": ck["epoch"],
+                          "preset": ck["args"].get("preset")}}
+    ImageEncoder(payload["config"]).load_state_dict(enc, strict=True)  # fail here, not later
+    utils.save_checkpoint(payload, out)
+    return payload
+
+
+def load_export(path):
+    """-> (ImageEncoder with the pretrained weights, word embeddings (V, E), Vocab, config)."""
+    ex = utils.load_checkpoint(path)
+    for key in ("config", "encoder", "word_emb", "vocab"):
+        if key not in ex:
+            raise utils.DataError("%s: not an encoder export (no %r); use multilabel/"
+                                  "export_model.py" % (path, key))
+    enc = ImageEncoder(ex["config"])
+    enc.load_state_dict(ex["encoder"], strict=True)
+    return enc, ex["word_emb"], utils.Vocab(ex["vocab"]), dict(ex["config"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="multilabel checkpoint (best.pt or last.pt)")
+    p.add_argument("--out", required=True, help="export file to write")
+    a = p.parse_args(argv)
+    payload = export(a.ckpt, a.out)
+    n = sum(v.numel() for v in payload["encoder"].values())
+    print("exported %s: encoder %.2fM parameters, %d words x %d, epoch %d"
+          % (a.out, n / 1e6, *payload["word_emb"].shape, payload["source"]["epoch"]))
+
+
+if __name__ == "__main__":
+    main()

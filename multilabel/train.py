@@ -1,0 +1,92 @@
+"""Pretrain the image encoder: multi-label word classification + query generation (captions).
+
+    python multilabel/train.py --data DATA --out runs/multilabel [--preset small|paper]
+    torchrun --nproc_per_node=N multilabel/train.py --data DATA --out runs/multilabel
+    python -m torch.distributed.launch --nproc_per_node=N multilabel/train.py ...
+
+Then export the encoder for model1/model2 with ``multilabel/export_model.py``.
+"""
+import logging
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import engine  # noqa: E402
+import utils  # noqa: E402
+from multilabel.model import ENCODER_PRESETS, Pretrainer  # noqa: E402
+
+log = logging.getLogger("kddmm")
+
+PRESETS = {  # paper: the published settings; small: this CPU in minutes; tiny: tests
+    "paper": dict(encoder="paper", batch_size=200, lr=1e-4, weight_decay=1e-6, gamma=0.96,
+                  k_hard=1000, epochs=6),
+    "small": dict(encoder="small", batch_size=64, lr=1e-3, weight_decay=1e-6, gamma=0.96,
+                  k_hard=50, epochs=4),
+    "tiny": dict(encoder="tiny", batch_size=16, lr=1e-3, weight_decay=1e-6, gamma=0.96,
+                 k_hard=20, epochs=2),
+}
+
+
+def parse_args(argv=None):
+    p = engine.core_parser(__doc__.split("\n")[0], PRESETS)
+    g = p.add_argument_group("pretraining")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--gamma", type=float, help="learning-rate decay per epoch")
+    g.add_argument("--k-hard", type=int, help="hardest negative words per sample")
+    g.add_argument("--word-vectors", help="optional word2vec/GloVe text file to initialise "
+                                          "the word embeddings (dimension must match)")
+    g.add_argument("--eval-split", default="valid", help="split ranked after each epoch")
+    g.add_argument("--no-eval", action="store_true", help="skip the per-epoch validation")
+    return p.parse_args(argv)
+
+
+def load_word_vectors(path, vocab, dim):
+    """Rows of a word2vec/GloVe text file for the words of ``vocab`` -> (rows dict, hits)."""
+    found = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            parts = line.rstrip().split(" ")
+            if i == 1 and len(parts) == 2:
+                continue  # word2vec header "count dim"
+            if parts[0] in vocab.stoi:
+                if len(parts) - 1 != dim:
+                    raise utils.DataError("%s:%d: %d values, the preset needs %d"
+                                          % (path, i, len(parts) - 1, dim))
+                found[vocab.stoi[parts[0]]] = np.asarray(parts[1:], np.float32)
+    return found
+
+
+def main(argv=None):
+    args = engine.apply_preset(parse_args(argv), PRESETS)
+    rank = int(os.environ.get("RANK", 0))
+    utils.setup_logging(rank == 0)
+    utils.seed_everything(args.seed, rank)
+    queries, vocab = utils.load_info(args.info)
+    store = utils.ProductStore(args.features, args.max_boxes)
+    dataset = utils.PairDataset(queries, vocab, store, sampler=None, seed=args.seed)
+    cfg = ENCODER_PRESETS[args.encoder]
+    model = Pretrainer(cfg, len(vocab), args.k_hard)
+    if args.word_vectors:
+        rows = load_word_vectors(args.word_vectors, vocab, cfg["d_word"])
+        with torch.no_grad():
+            for i, v in rows.items():
+                model.word_emb.weight[i] = torch.from_numpy(v)
+        log.info("word vectors: %d of %d words initialised", len(rows), len(vocab))
+    groups = [dict(params=list(model.parameters()), lr=args.lr, weight_decay=args.weight_decay)]
+    evaluate = None
+    if not args.no_eval:
+        from multilabel.validation import make_evaluator
+        evaluate = make_evaluator(args, vocab)
+    return engine.fit(args, model, groups, args.gamma, dataset, utils.collate_pairs, evaluate,
+                      extra_state={"vocab": vocab.itos, "encoder_config": cfg})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Rank valid candidates by the pretraining score and show what the encoder learned.
+
+    python multilabel/validation.py --ckpt runs/multilabel/best.pt --data DATA [--captions 8]
+
+Score of a product for a query: the sum over the query's words of log sigmoid(word logit).
+Prints NDCG@5, then beam-search captions of a few products beside their true query.
+"""
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import engine  # noqa: E402
+import utils  # noqa: E402
+from multilabel.model import Pretrainer  # noqa: E402
+
+
+@torch.no_grad()
+def rank_split(model, cset, device, batch_size=256):
+    """-> {qid: [(pid, score), ...]}: pretraining scores of every candidate."""
+    model.eval()
+    heads = engine.encode_products(model.encoder, cset, device, batch_size)     # (P, 5, E)
+    scores = np.zeros(len(cset.pids))
+    for k in range(len(cset)):
+        a, b = cset.offsets[k], cset.offsets[k + 1]
+        scores[a:b] = model.query_scores(heads[a:b], [cset.tokens[k]])[0].cpu().numpy()
+    return cset.predictions(scores), heads
+
+
+def make_evaluator(args, vocab):
+    """A closure for engine.fit: NDCG@5 of the pretraining ranking on ``args.eval_split``."""
+    tsv, ans = engine.split_paths(args.data, args.eval_split)
+    cset = utils.CandidateSet.from_tsv(tsv, vocab, args.max_boxes)
+    answers = utils.load_answers(ans) if ans else None
+
+    def evaluate(model):
+        preds, _ = rank_split(model, cset, next(model.parameters()).device)
+        return {"valid_ndcg5": utils.ndcg_at_k(preds, answers)} if answers else {}
+    return evaluate
+
+
+def load_pretrainer(path):
+    ck = utils.load_checkpoint(path)
+    vocab = utils.Vocab(ck["vocab"])
+    model = Pretrainer(ck["encoder_config"], len(vocab), ck["args"]["k_hard"])
+    model.load_state_dict(ck["model"], strict=True)
+    return model, vocab, ck
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", default=os.path.join(ROOT, "data", "small"))
+    p.add_argument("--split", default="valid")
+    p.add_argument("--captions", type=int, default=8, help="products to caption")
+    p.add_argument("--beam", type=int, default=3)
+    p.add_argument("--max-boxes", type=int)
+    a = p.parse_args(argv)
+    model, vocab, ck = load_pretrainer(a.ckpt)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    tsv, ans = engine.split_paths(a.data, a.split)
+    cset = utils.CandidateSet.from_tsv(tsv, vocab, a.max_boxes)
+    preds, heads = rank_split(model, cset, device)
+    result = {}
+    if ans:
+        answers = utils.load_answers(ans)
+        result["ndcg5"] = utils.ndcg_at_k(preds, answers)
+        print("%s NDCG@5 (pretraining score): %.4f  (%d queries, checkpoint epoch %d)"
+              % (a.split, result["ndcg5"], len(answers), ck["epoch"]))
+        # caption the correct products of the first queries, so true query and caption agree
+        shown = [i for i, pid in enumerate(cset.pids)
+                 if int(pid) in answers.get(int(cset.qids[cset.pos[i]]), ())][:a.captions]
+    else:
+        shown = list(range(min(a.captions, len(cset.pids))))
+    caps = model.decoder.beam_search(heads[shown, 0], model.word_emb.weight, utils.BOS,
+                                     utils.EOS, beam=a.beam)
+    result["captions"] = []
+    for i, c in zip(shown, caps):
+        true, gen = cset.texts[cset.pos[i]], " ".join(vocab.decode(c))
+        result["captions"].append((int(cset.pids[i]), true, gen))
+        print("product %d\n  query:   %s\n  caption: %s" % (cset.pids[i], true, gen))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""The blend: normalisations, the t search, the k-fold estimate, submission rules, the notebook."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ensemble
+from ensemble import blend, kfold_estimate, load_predictions, normalise, search_t, write_submission
+from utils import DataError, ndcg_at_k, rank
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MISS = 1 / math.log2(3)  # NDCG@5 of a single answer ranked second
+
+
+def dump(preds, path):
+    """{qid: {pid: score}} -> the model prediction-file format, sorted by score."""
+    with open(path, "w") as f:
+        json.dump({str(q): [[str(p), s] for p, s in sorted(sc.items(), key=lambda x: -x[1])]
+                   for q, sc in preds.items()}, f)
+    return str(path)
+
+
+def random_world(n_queries=40, n_cands=12, n_pos=3, seed=0, first_qid=1000):
+    """model1 sees the answers of even queries, model2 those of odd ones; model2 on a 5x scale."""
+    rng = np.random.default_rng(seed)
+    p1, p2, answers = {}, {}, {}
+    for i in range(n_queries):
+        q = first_qid + i
+        pids = [103_000_000 + 100 * q + j for j in range(n_cands)]
+        pos = set(rng.choice(pids, n_pos, replace=False).tolist())
+        good = np.array([p in pos for p in pids], float)
+        s1 = rng.normal(0, 1, n_cands) + good * (2.0 if i % 2 == 0 else 0.3)
+        s2 = 5 * (rng.normal(0, 1, n_cands) + good * (0.3 if i % 2 == 0 else 2.0))
+        p1[q] = dict(zip(pids, s1.round(3).tolist()))
+        p2[q] = dict(zip(pids, s2.round(2).tolist()))
+        answers[q] = pos
+    return p1, p2, answers
+
+
+def windows_case(windows):
+    """Query i is answered right only when t lies inside windows[i]; outside its answer is 2nd.
+
+    The answer scores (1, 1) -> 1 at any t; a decoy (1/hi, 0) -> t/hi beats it above hi and a
+    decoy (0, 1/(1-lo)) -> (1-t)/(1-lo) beats it below lo.
+    """
+    p1, p2, answers = {}, {}, {}
+    for q, (lo, hi) in enumerate(windows):
+        a, d1, d2 = 10 * q + 1, 10 * q + 2, 10 * q + 3
+        p1[q] = {a: 1.0, d1: 1 / hi, d2: 0.0}
+        p2[q] = {a: 1.0, d1: 0.0, d2: 1 / (1 - lo)}
+        answers[q] = {a}
+    return p1, p2, answers
+
+
+# ---------------------------------------------------------------------------------------
+# Normalisation and blend
+# ---------------------------------------------------------------------------------------
+def test_normalise_hand_numbers():
+    p = {7: {1: 1.0, 2: 2.0, 3: 3.0}, 8: {4: 5.0, 5: 5.0, 6: 5.0}, 9: {10: 0.25}}
+    assert normalise(p, "raw") == p
+    z = normalise(p, "zscore")
+    s = math.sqrt(2 / 3)
+    assert z[7] == pytest.approx({1: -1 / s, 2: 0.0, 3: 1 / s})
+    assert z[8] == {4: 0.0, 5: 0.0, 6: 0.0} and z[9] == {10: 0.0}  # no spread, no noise
+    r = normalise({1: {10: 0.3, 11: 0.9, 12: 0.3, 13: 0.5}, 2: {5: -1.0}}, "rank")
+    assert r[1] == pytest.approx({10: 1 / 6, 11: 1.0, 12: 1 / 6, 13: 2 / 3})  # ties averaged
+    assert r[2] == {5: 0.5}
+    with pytest.raises(ValueError, match="normalisation"):
+        normalise(p, "minmax")
+
+
+def test_zscore_survives_rounding_of_constant_scores():
+    # mean of 30 x 0.1 is not exactly 0.1; without the guard this becomes random order
+    z = normalise({1: {p: 0.1 for p in range(30)}}, "zscore")
+    assert set(z[1].values()) == {0.0}
+
+
+@pytest.mark.parametrize("how", ensemble.HOWS)
+def test_blend_ends_are_the_single_models(how):
+    p1, p2, _ = random_world(n_queries=8, seed=1)
+    for q in p2:  # ties inside a model: its own ranking breaks them by product id
+        p2[q] = {p: round(s / 10) for p, s in p2[q].items()}
+    b0, b1 = blend(p1, p2, 0.0, how), blend(p1, p2, 1.0, how)
+    for q in p1:
+        assert rank(b0[q].items()) == rank(p2[q].items())
+        assert rank(b1[q].items()) == rank(p1[q].items())
+    if how == "raw":
+        assert b0 == {q: {p: float(s) for p, s in sc.items()} for q, sc in p2.items()}
+    mid = blend({1: {1: 1.0, 2: 3.0}}, {1: {1: 5.0, 2: 1.0}}, 0.25, "raw")
+    assert mid == {1: {1: pytest.approx(4.0), 2: pytest.approx(1.5)}}
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        blend(p1, p2, 1.5)
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing t
+# ---------------------------------------------------------------------------------------
+def test_search_t_finds_the_window_where_both_models_are_right():
+    # query 0: only model1 ranks its answer first, needs t > 0.55; query 1: model2, t < 0.85
+    p1 = {0: {1: 1.0, 2: 0.0}, 1: {3: 0.0, 4: 0.15 / 0.85}}
+    p2 = {0: {1: 0.0, 2: 0.55 / 0.45}, 1: {3: 1.0, 4: 0.0}}
+    answers = {0: {1}, 1: {3}}
+    t, curve = search_t(p1, p2, answers, "raw", grid=11)
+    ts = np.linspace(0, 1, 11)
+    assert curve == pytest.approx(np.where((ts > 0.55) & (ts < 0.85), 1.0, (1 + MISS) / 2))
+    assert t == pytest.approx(0.6)  # 0.6, 0.7, 0.8 tie; the closest to 0.5 wins
+    t100, _ = search_t(p1, p2, answers, "raw", grid=100)
+    assert t100 == pytest.approx(55 / 99)  # first grid point inside (0.55, 0.85)
+
+
+def test_search_t_tie_break_is_closest_to_half_then_smaller():
+    # every t gives the same ranking: the flat curve must return the point nearest 0.5
+    p1 = p2 = {0: {1: 2.0, 2: 1.0}}
+    assert search_t(p1, p2, {0: {1}}, grid=11)[0] == pytest.approx(0.5)
+    assert search_t(p1, p2, {0: {1}}, grid=4)[0] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("how", ensemble.HOWS)
+def test_curve_is_the_official_ndcg_of_the_blend(how):
+    p1, p2, answers = random_world(n_queries=12, seed=2)
+    t, curve = search_t(p1, p2, answers, how, grid=9)
+    for ti, c in zip(np.linspace(0, 1, 9), curve):
+        b = blend(p1, p2, ti, how)
+        assert c == pytest.approx(ndcg_at_k({q: list(s.items()) for q, s in b.items()}, answers))
+    assert curve.max() == pytest.approx(ensemble.score(blend(p1, p2, t, how), answers))
+    # each model knows half the answers: the blend beats both
+    assert curve.max() > max(curve[0], curve[-1]) + 0.05
+
+
+def test_kfold_is_honest_where_tuning_on_valid_is_not():
+    # ten disjoint windows: tuning on all queries fits one of them; a held-out query never
+    # sees its own window chosen, so its score is that of the answer ranked second
+    p1, p2, answers = windows_case([(0.1 * i + 0.02, 0.1 * i + 0.08) for i in range(10)])
+    t, curve = search_t(p1, p2, answers, grid=100)
+    assert curve.max() == pytest.approx((1 + 9 * MISS) / 10)
+    for k in (2, 5, 10):
+        assert kfold_estimate(p1, p2, answers, k=k, grid=100) == pytest.approx(MISS)
+
+
+def test_kfold_equals_valid_when_every_fold_agrees():
+    # every query is right for t in (0.3, 0.7): any training fold picks a t inside
+    p1, p2, answers = windows_case([(0.3, 0.7)] * 6 + [(0.2, 0.9)] * 6)
+    assert search_t(p1, p2, answers)[1].max() == pytest.approx(1.0)
+    assert kfold_estimate(p1, p2, answers, k=4, seed=3) == pytest.approx(1.0)
+    with pytest.raises(DataError, match="k-fold"):
+        kfold_estimate(p1, p2, answers, k=13)
+
+
+def test_kfold_is_deterministic_and_below_the_tuned_score():
+    p1, p2, answers = random_world(n_queries=30, seed=4)
+    est = [kfold_estimate(p1, p2, answers, "zscore", k=5, seed=s) for s in (0, 0, 1)]
+    assert est[0] == est[1]
+    best = search_t(p1, p2, answers, "zscore")[1].max()
+    assert max(est) <= best + 1e-12
+
+
+def test_choose_how_by_kfold():
+    tuning = {"raw": {"kfold": 0.6}, "zscore": {"kfold": 0.7}, "rank": {"kfold": 0.7}}
+    assert ensemble.choose_how(tuning) == "zscore"  # first listed among equals
+    assert ensemble.choose_how(tuning, "rank") == "rank"
+    with pytest.raises(ValueError):
+        ensemble.choose_how({"raw": {"kfold": 0.6}}, "rank")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and submission
+# ---------------------------------------------------------------------------------------
+def test_load_predictions_round_trip_and_errors(tmp_path):
+    p1, _, _ = random_world(n_queries=3)
+    assert load_predictions(dump(p1, tmp_path / "a.json")) == p1
+    with pytest.raises(DataError, match="not found"):
+        load_predictions(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    for text, msg in [('{"1": [["5", 0.1]', "not valid JSON"), ("[]", "non-empty"),
+                      ('{"1": []}', "query 1"), ('{"x": [["5", 0.1]]}', "not an integer"),
+                      ('{"1": [["5", NaN]]}', "finite"), ('{"1": [["a5", 0.1]]}', "bad entry"),
+                      ('{"1": [["5", 0.1], ["5", 0.2]]}', "product 5 listed twice")]:
+        bad.write_text(text)
+        with pytest.raises(DataError, match=msg):
+            load_predictions(str(bad))
+
+
+def test_models_must_cover_the_same_queries_and_candidates(tmp_path):
+    p1, p2, answers = random_world(n_queries=4)
+    q = sorted(p2)[2]
+    del p2[q]
+    with pytest.raises(DataError, match="query %d is in model1's" % q):
+        blend(p1, p2, 0.5)
+    p1, p2, answers = random_world(n_queries=4)
+    p2[q].pop(next(iter(p2[q])))
+    with pytest.raises(DataError, match="query %d: model1 and model2" % q):
+        search_t(p1, p2, answers)
+    p1, p2, answers = random_world(n_queries=4)
+    answers[999] = {1}
+    with pytest.raises(DataError, match="query 999"):
+        search_t(p1, p2, answers)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_write_submission_rules(tmp_path):
+    preds = {5: {11: 0.9, 12: 0.5, 13: 0.5, 14: 0.1, 15: 0.7, 16: 0.5, 17: -1.0},
+             3: {21: 1.0, 22: 2.0, 23: 3.0, 24: 4.0, 25: 5.0}}
+    path = str(tmp_path / "sub" / "submission.csv")
+    write_submission(preds, path, candidates={5: list(preds[5]), 3: list(preds[3])})
+    rows = read_csv(path)
+    assert rows[0] == ensemble.HEADER
+    assert rows[1:] == [["3", "25", "24", "23", "22", "21"],
+                        ["5", "11", "15", "12", "13", "16"]]  # 0.5 ties by product id
+    assert not os.path.exists(path + ".tmp")
+
+    with pytest.raises(DataError, match="query 9 has only 4 candidates"):
+        write_submission({**preds, 9: {1: 1.0, 2: 0.5, 3: 0.2, 4: 0.0}}, path)
+    with pytest.raises(DataError, match="lacks 1 queries"):
+        write_submission(preds, path, queries=[3, 5, 8])
+    with pytest.raises(DataError, match="no candidates"):
+        write_submission(preds, path, candidates={5: list(preds[5])})
+    with pytest.raises(DataError, match="not candidates"):
+        write_submission(preds, path, candidates={5: [11, 12, 13, 14, 15], 3: list(preds[3])})
+    assert read_csv(path) == rows  # a refused submission leaves the last good one intact
+
+
+# ---------------------------------------------------------------------------------------
+# The whole stage: CLI and notebook
+# ---------------------------------------------------------------------------------------
+@pytest.fixture()
+def pred_world(tmp_path):
+    pred = tmp_path / "prediction_result"
+    pred.mkdir()
+    valid = random_world(n_queries=40, seed=5, first_qid=1000)
+    test = random_world(n_queries=30, seed=6, first_qid=5000)
+    for split, (p1, p2, answers) in (("valid", valid), ("test", test)):
+        dump(p1, pred / ("%s_pred_model1.json" % split))
+        dump(p2, pred / ("%s_pred_model2.json" % split))
+        with open(tmp_path / ("%s_answer.json" % split), "w") as f:
+            json.dump({str(q): sorted(a) for q, a in answers.items()}, f)
+    return tmp_path, valid, test
+
+
+def check_outputs(out, valid, test, grid):
+    rows = read_csv(out)
+    assert rows[0] == ensemble.HEADER
+    assert sorted(int(r[0]) for r in rows[1:]) == sorted(test[0])
+    for r in rows[1:]:
+        assert len(set(r[1:])) == 5 and {int(p) for p in r[1:]} <= set(test[0][int(r[0])])
+    with open(os.path.join(os.path.dirname(out), "ensemble.json")) as f:
+        report = json.load(f)
+    tuning = ensemble.tune(valid[0], valid[1], valid[2], grid=grid)
+    assert report["how"] == max(tuning, key=lambda h: tuning[h]["kfold"])
+    t, curve = search_t(valid[0], valid[1], valid[2], report["how"], grid)
+    assert report["t"] == t and report["valid_ndcg"] == pytest.approx(curve.max())
+    assert os.path.getsize(os.path.join(os.path.dirname(out), "ensemble_t.png")) > 1000
+    # the submitted rows are the top 5 of the test blend at the chosen t
+    b = blend(test[0], test[1], t, report["how"])
+    assert all(list(map(int, r[1:])) == rank(b[int(r[0])].items())[:5] for r in rows[1:])
+    return report
+
+
+def test_main_cli(pred_world, capsys):
+    tmp, valid, test = pred_world
+    out = str(tmp / "out" / "submission.csv")
+    r = ensemble.main(["--pred-dir", str(tmp / "prediction_result"), "--valid-answers",
+                       str(tmp / "valid_answer.json"), "--test-answers",
+                       str(tmp / "test_answer.json"), "--out", out, "--grid", "21"])
+    report = check_outputs(out, valid, test, 21)
+    assert list(r["table"].columns) == ["valid", "test"]
+    assert report["table"]["test"][2] > max(report["table"]["test"][:2])  # blend beats both
+    assert "chose" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="valid_pred_model1.json: not found"):
+        ensemble.main(["--pred-dir", str(tmp), "--valid-answers", str(tmp / "x.json")])
+
+
+def test_notebook_runs_unedited(pred_world):
+    import nbformat
+    nb = nbformat.read(os.path.join(ROOT, "ensemble.ipynb"), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert all(not c.outputs and c.execution_count is None for c in code)  # stored cleared
+
+    tmp, valid, test = pred_world
+    out = str(tmp / "out" / "submission.csv")
+    env = dict(os.environ, ENSEMBLE_PRED_DIR=str(tmp / "prediction_result"),
+               ENSEMBLE_VALID_ANSWERS=str(tmp / "valid_answer.json"),
+               ENSEMBLE_TEST_ANSWERS=str(tmp / "test_answer.json"), ENSEMBLE_OUT=out,
+               ENSEMBLE_GRID="21")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+         os.path.join(ROOT, "ensemble.ipynb"), "--output-dir", str(tmp),
+         "--output", "ensemble.executed.ipynb", "--ExecutePreprocessor.timeout=120"],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = check_outputs(out, valid, test, 21)
+    executed = nbformat.read(str(tmp / "ensemble.executed.ipynb"), as_version=4)
+    text = json.dumps([c.get("outputs", []) for c in executed.cells])
+    assert "chose %s, t = %.4f" % (report["how"], report["t"]) in text
+    assert "image/png" in text

@@ -1,0 +1,304 @@
+"""Training samples: hard negatives, pair items, the collate, candidates, prediction files."""
+import copy
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from utils import BOS, EOS, PAD, DataError
+
+
+def make_queries(texts, last, cluster, products, tokens=None):
+    """A hand-made queries dict with the fields of ``utils.load_info``."""
+    tokens = tokens if tokens is not None else [t.split() for t in texts]
+    groups = {}
+    for i, w in enumerate(last):
+        groups.setdefault(w, []).append(i)
+    return {"query_id": np.arange(len(texts), dtype=np.int64) + 1, "text": list(texts),
+            "tokens": tokens, "products": [np.asarray(p, np.int64) for p in products],
+            "last_word": np.array(last, dtype=object),
+            "groups": {w: np.asarray(v, np.int64) for w, v in groups.items()},
+            "cluster": np.asarray(cluster, np.int64)}
+
+
+@pytest.fixture(scope="module")
+def world(tiny_world):
+    queries, vocab = utils.load_info(tiny_world.info)
+    return queries, vocab, utils.ProductStore(tiny_world.features, max_boxes=10)
+
+
+def shared_queries(queries):
+    """tiny_world's queries made harder: chained product sharing and a duplicated text."""
+    q = copy.deepcopy(queries)
+    for members in q["groups"].values():
+        for a, b in zip(members[:-1], members[1:]):  # b also matches a's first product
+            q["products"][b] = np.append(q["products"][b], q["products"][a][0])
+    q["text"][1] = q["text"][0]
+    return q
+
+
+@pytest.mark.parametrize("fallback", ["cluster", "cluster_or_random"])
+def test_negatives_are_never_positives(world, fallback):
+    queries = shared_queries(world[0])
+    sampler = utils.NegativeSampler(queries, fallback=fallback)
+    rng = np.random.default_rng(0)
+    sources = set()
+    for qi in range(len(queries["query_id"])):
+        pos = set(queries["products"][qi].tolist())
+        for _ in range(40):
+            nq = sampler.negative_query(qi, rng)
+            assert nq != qi and queries["text"][nq] != queries["text"][qi]
+            assert not pos & set(queries["products"][nq].tolist())
+            assert sampler.negative_product(qi, rng) not in pos
+            sources.add(queries["last_word"][nq] == queries["last_word"][qi])
+    assert sources == {True, False}  # both the last-word group and the fallbacks were used
+
+
+def ratio_queries():
+    """Query 0: last word "a" with 1..9, cluster 0 with 10..19; 20..59 share neither."""
+    last = ["a"] * 10 + ["b"] * 10 + ["c"] * 40
+    cluster = [0] + [1] * 9 + [0] * 10 + [1] * 40
+    texts = ["q%d %s" % (i, w) for i, w in enumerate(last)]
+    return make_queries(texts, last, cluster, [[1000 + i] for i in range(60)])
+
+
+@pytest.mark.parametrize("fallback,want_last,want_cluster", [
+    ("cluster", 0.8, 0.2), ("cluster_or_random", 0.8 + 0.1 * 9 / 59, 0.1 + 0.1 * 10 / 59)])
+def test_p_last_ratio(fallback, want_last, want_cluster):
+    sampler = utils.NegativeSampler(ratio_queries(), p_last=0.8, fallback=fallback)
+    rng = np.random.default_rng(1)
+    draws = np.array([sampler.negative_query(0, rng) for _ in range(4000)])
+    assert (draws != 0).all()
+    assert np.mean((draws >= 1) & (draws < 10)) == pytest.approx(want_last, abs=0.03)
+    assert np.mean((draws >= 10) & (draws < 20)) == pytest.approx(want_cluster, abs=0.03)
+    outside = np.mean(draws >= 20)
+    assert outside == 0 if fallback == "cluster" else outside > 0.03
+    counts = np.bincount(draws[draws < 10], minlength=10)[1:]  # uniform inside the group
+    assert counts.min() > 0.6 * counts.mean()
+
+
+def test_degenerate_groups_fall_through():
+    # query 0 is alone in its cluster; its last-word group holds 3 (shares a product with 0),
+    # 4 (same text) and 5 (no tokens): only 1 and 2, in no group of 0, are possible
+    texts = ["red x", "blue y", "green y", "pink x", "red x", "the x"]
+    tokens = [t.split() for t in texts[:5]] + [[]]
+    queries = make_queries(texts, ["x", "y", "y", "x", "x", "x"], [5, 6, 6, 7, 7, 7],
+                           [[10], [11], [12], [13, 10], [14], [15]], tokens)
+    for fallback in utils.NegativeSampler.FALLBACKS:
+        sampler = utils.NegativeSampler(queries, fallback=fallback)
+        rng = np.random.default_rng(2)
+        got = {sampler.negative_query(0, rng) for _ in range(300)}
+        assert got == {1, 2}
+        assert {sampler.negative_product(0, rng) for _ in range(300)} == {11, 12}
+
+
+def test_two_queries_and_impossible_cases():
+    two = make_queries(["a x", "b y"], ["x", "y"], [0, 1], [[1], [2]])
+    sampler = utils.NegativeSampler(two)
+    rng = np.random.default_rng(3)
+    assert {sampler.negative_query(0, rng) for _ in range(50)} == {1}
+    assert {sampler.negative_product(1, rng) for _ in range(50)} == {1}
+    same = make_queries(["a x", "a x"], ["x", "x"], [0, 0], [[1], [2]])
+    with pytest.raises(DataError, match="no possible negative"):
+        utils.NegativeSampler(same).negative_query(0, rng)
+    with pytest.raises(ValueError, match="at least 2 queries"):
+        utils.NegativeSampler(make_queries(["a x"], ["x"], [0], [[1]]))
+    with pytest.raises(ValueError, match="fallback"):
+        utils.NegativeSampler(two, fallback="random")
+
+
+def test_sampler_is_deterministic(world):
+    sampler = utils.NegativeSampler(world[0], fallback="cluster_or_random")
+
+    def draws(seed):
+        rng = np.random.default_rng(seed)
+        return [(sampler.negative_query(qi, rng), sampler.negative_product(qi, rng))
+                for qi in range(0, 150, 3)]
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+    # the arrays a forked worker shares are numpy, not Python containers
+    assert all(isinstance(v, (np.ndarray, float, str)) for v in vars(sampler).values())
+
+
+def test_pair_items(world):
+    queries, vocab, store = world
+    ds = utils.PairDataset(queries, vocab, store, utils.NegativeSampler(queries), seed=5)
+    assert len(ds) == sum(len(p) for p in queries["products"])
+    assert sorted(zip(ds.pair_query.tolist(), ds.pair_product.tolist())) == sorted(
+        (qi, int(p)) for qi, ps in enumerate(queries["products"]) for p in ps)
+    for i in [0, len(ds) // 2, len(ds) - 1]:
+        it = ds[i]
+        qi = it["qi"]
+        assert it["q"] == vocab.encode(queries["tokens"][qi]) and isinstance(it["q"][0], int)
+        assert it["pid"] in queries["products"][qi].tolist()
+        boxes, feats = it["p"]
+        assert boxes.shape[1] == 5 and feats.shape == (len(boxes), 2048)
+        assert feats.dtype == np.float32 and np.array_equal(feats, store.get(it["pid"])[1])
+        assert it["nqi"] != qi and it["nq"] == vocab.encode(queries["tokens"][it["nqi"]])
+        assert it["npid"] not in queries["products"][qi].tolist()
+        assert it["np"][1].shape == (len(it["np"][0]), 2048)
+    plain = utils.PairDataset(queries, vocab, store)[0]
+    assert set(plain) == {"q", "qi", "pid", "p"}
+
+
+def test_pair_items_are_deterministic_per_seed_epoch_index(world):
+    queries, vocab, store = world
+    sampler = utils.NegativeSampler(queries)
+
+    def negatives(ds, idx):
+        return [(ds[i]["nqi"], ds[i]["npid"]) for i in idx]
+    a = utils.PairDataset(queries, vocab, store, sampler, seed=1)
+    b = utils.PairDataset(queries, vocab, store, sampler, seed=1)
+    idx = list(range(0, len(a), 7))
+    assert negatives(a, idx) == negatives(b, idx) == negatives(a, idx[::-1])[::-1]
+    a.set_epoch(1)
+    assert negatives(a, idx) != negatives(b, idx)
+    b.set_epoch(1)
+    assert negatives(a, idx) == negatives(b, idx)
+    assert negatives(utils.PairDataset(queries, vocab, store, sampler, seed=2), idx) != \
+        negatives(utils.PairDataset(queries, vocab, store, sampler, seed=1), idx)
+
+
+def test_same_batches_with_or_without_workers(world):
+    queries, vocab, store = world
+    ds = utils.PairDataset(queries, vocab, store, utils.NegativeSampler(queries), seed=3)
+    ds.set_epoch(2)
+    batches = []
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=utils.collate_pairs,
+                                             num_workers=workers)
+        batches.append([(b["qi"], b["nqi"], b["npid"], b["n_feats"]) for b in loader])
+    assert len(batches[0]) == len(batches[1]) == -(-len(ds) // 16)
+    for x, y in zip(*batches):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+
+
+def test_empty_queries_are_skipped(world, caplog):
+    queries, vocab, store = world
+    q = copy.deepcopy(queries)
+    q["tokens"][0] = []
+    q["tokens"][5] = []
+    sampler = utils.NegativeSampler(q)
+    with caplog.at_level(logging.WARNING, logger="kddmm"):
+        ds = utils.PairDataset(q, vocab, store, sampler)
+    assert "skipped 2 of 150 queries" in caplog.text
+    assert len(ds) == sum(len(p) for p in q["products"]) - len(q["products"][0]) \
+        - len(q["products"][5])
+    assert not set(ds.pair_query.tolist()) & {0, 5}
+    rng = np.random.default_rng(0)
+    assert not {sampler.negative_query(qi, rng) for qi in range(150) for _ in range(20)} & {0, 5}
+    q["tokens"] = [[] for _ in q["tokens"]]
+    with pytest.raises(DataError, match="no .* pair"):
+        utils.PairDataset(q, vocab, store)
+
+
+def test_max_words_truncates(world):
+    queries, vocab, store = world
+    ds = utils.PairDataset(queries, vocab, store, max_words=2)
+    assert max(len(ds[i]["q"]) for i in range(len(ds))) == 2
+
+
+def _item(ids, n, nids=None, m=None):
+    it = {"q": ids, "qi": len(ids), "pid": 100 + n,
+          "p": (np.full((n, 5), 0.5, np.float32), np.ones((n, 4), np.float32))}
+    if nids is not None:
+        it.update(nq=nids, nqi=9, npid=200 + m,
+                  np=(np.full((m, 5), 0.25, np.float32), np.ones((m, 4), np.float32)))
+    return it
+
+
+def test_collate_shapes_masks_and_caption():
+    out = utils.collate_pairs([_item([5, 6, 7], 2), _item([8], 3)])
+    assert "nq_tokens" not in out and "n_feats" not in out
+    assert out["q_tokens"].tolist() == [[5, 6, 7], [8, PAD, PAD]]
+    assert out["q_len"].tolist() == [3, 1] and out["qi"].tolist() == [3, 1]
+    assert out["pid"].tolist() == [102, 103]
+    assert out["p_boxes"].shape == (2, 3, 5) and out["p_feats"].shape == (2, 3, 4)
+    assert out["p_mask"].tolist() == [[True, True, False], [True, True, True]]
+    assert out["p_feats"][0, 2].abs().sum() == 0 and out["p_boxes"][0, 2].abs().sum() == 0
+    assert out["caption_in"].tolist() == [[BOS, 5, 6, 7], [BOS, 8, PAD, PAD]]
+    assert out["caption_out"].tolist() == [[5, 6, 7, EOS], [8, EOS, PAD, PAD]]
+    assert out["caption_len"].tolist() == [4, 2]
+    assert out["q_tokens"].dtype == out["caption_in"].dtype == torch.long
+    assert out["p_mask"].dtype == torch.bool and out["p_feats"].dtype == torch.float32
+
+    out = utils.collate_pairs([_item([5], 1, [4, 4], 1), _item([6], 1, [3], 4)])
+    assert out["nq_tokens"].tolist() == [[4, 4], [3, PAD]] and out["nq_len"].tolist() == [2, 1]
+    assert out["nqi"].tolist() == [9, 9] and out["npid"].tolist() == [201, 204]
+    assert out["n_boxes"].shape == (2, 4, 5) and out["n_feats"].shape == (2, 4, 4)
+    assert out["n_mask"].sum(1).tolist() == [1, 4]
+
+
+def test_candidate_set_covers_every_candidate(tiny_world, world):
+    vocab = world[1]
+    path = os.path.join(tiny_world.data, "valid", "valid.tsv")
+    cands = utils.read_candidates(path)
+    cs = utils.CandidateSet.from_tsv(path, vocab, max_boxes=3)
+    assert len(cs) == len(cands) and sorted(cs.qids.tolist()) == cs.qids.tolist()
+    want = {(q, r["product_id"]) for q, v in cands.items() for r in v["products"]}
+    assert set(zip(cs.qids[cs.pos].tolist(), cs.pids.tolist())) == want
+    assert len(cs.pids) == len(want)
+    seen = []
+    rows = {r["product_id"]: r for v in cands.values() for r in v["products"]}
+    for b in cs.product_batches(7):
+        assert b["boxes"].shape[:2] == b["feats"].shape[:2] == b["mask"].shape
+        assert len(b["pids"]) <= 7 and torch.equal(b["pids"], torch.from_numpy(cs.pids[b["index"]]))
+        for k, pid in enumerate(b["pids"].tolist()):
+            row = rows[pid]
+            n = min(3, row["num_boxes"])
+            assert b["mask"][k].sum() == n
+            assert np.array_equal(b["feats"][k, :n].numpy(), row["features"][:n])
+            assert cs.qids[b["pos"][k]] in [q for q, p in want if p == pid]
+        seen += b["pids"].tolist()
+    assert sorted(seen) == sorted(cs.pids.tolist())
+    qs = [b for b in cs.query_batches(5)]
+    assert torch.cat([b["qids"] for b in qs]).tolist() == cs.qids.tolist()
+    k = 3
+    assert qs[0]["tokens"][k, :qs[0]["lengths"][k]].tolist() == \
+        vocab.encode(utils.tokenize(cands[int(cs.qids[k])]["query"]))
+
+    preds = cs.predictions(np.arange(len(cs.pids), dtype=np.float32))
+    assert set(preds) == set(cands) and sum(len(v) for v in preds.values()) == len(want)
+    with pytest.raises(ValueError, match="scores for"):
+        cs.predictions(np.zeros(3))
+
+
+def test_candidate_set_keeps_empty_queries(tiny_world, world):
+    path = os.path.join(tiny_world.data, "valid", "valid.tsv")
+    cands = utils.read_candidates(path)
+    q0 = min(cands)
+    cands[q0]["query"] = "the for with"
+    cs = utils.CandidateSet(cands, world[1])
+    assert cs.qids[0] == q0 and cs.tokens[0] == []
+    b = next(cs.query_batches(4))
+    assert b["lengths"][0] == 0 and (b["tokens"][0] == PAD).all()
+    assert cs.offsets[1] == len(cands[q0]["products"])
+
+
+def test_write_predictions_round_trip(tmp_path):
+    path = str(tmp_path / "out" / "valid.json")
+    scores = {7: [(3, 0.5), (1, 0.5), (2, np.float32(0.9))], "8": [(10, -1.0), (4, 2.0)]}
+    utils.write_predictions(scores, path)
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    assert raw == {"7": [["2", pytest.approx(0.9)], ["1", 0.5], ["3", 0.5]],
+                   "8": [["4", 2.0], ["10", -1.0]]}
+    back = utils.load_predictions(path)
+    assert [p for p, _ in back[7]] == utils.rank(scores[7]) == [2, 1, 3]
+    assert utils.ndcg_at_k(back, {7: {2}, 8: {4}}) == 1.0
+    assert os.listdir(tmp_path / "out") == ["valid.json"]
+
+
+@pytest.mark.parametrize("bad,msg", [(float("nan"), "NaN"), (float("inf"), "infinite")])
+def test_write_predictions_rejects_bad_scores(tmp_path, bad, msg):
+    path = str(tmp_path / "p.json")
+    utils.write_predictions({1: [(5, 1.0)]}, path)
+    with pytest.raises(DataError, match="query 2: product 9 .*%s" % msg):
+        utils.write_predictions({1: [(5, 1.0)], 2: [(8, 0.1), (9, bad)]}, path)
+    assert utils.load_predictions(path) == {1: [(5, 1.0)]}  # the old file is intact
+    with pytest.raises(DataError, match="twice"):
+        utils.write_predictions({1: [(5, 1.0), (5, 2.0)]}, path)
