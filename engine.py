@@ -176,6 +176,8 @@ def fit(args, model, groups, gamma, dataset, collate, evaluate=None, metric="val
                      lr=[g["lr"] for g in opt.param_groups])
         if dist.main and evaluate is not None:
             stats.update(evaluate(model))
+        if dist.enabled:
+            stats["rank_param_maxdiff"] = replica_divergence(model, dist)
         dist.barrier()
         improved = metric in stats and stats[metric] > best
         if improved:
@@ -198,6 +200,25 @@ def fit(args, model, groups, gamma, dataset, collate, evaluate=None, metric="val
         dist.barrier()
     dist.close()
     return history
+
+
+@torch.no_grad()
+def replica_divergence(model, dist):
+    """Largest difference between ranks of a weighted checksum of every trainable tensor.
+
+    0.0 when DDP keeps the replicas identical (the published model2 drifted: its image
+    encoder was outside DDP). Cheap: one float64 per tensor crosses the wire.
+    """
+    import torch.distributed as td
+    sums = []
+    for p in model.parameters():
+        if p.requires_grad:
+            w = torch.arange(p.numel(), device=p.device, dtype=torch.float64) % 7 + 1
+            sums.append((p.detach().double().flatten() * w).sum())
+    mine = torch.stack(sums)
+    every = [torch.empty_like(mine) for _ in range(dist.world)]
+    td.all_gather(every, mine)
+    return float(max((e - mine).abs().max() for e in every))
 
 
 def plain_args(args):

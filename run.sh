@@ -1,21 +1,50 @@
 #!/usr/bin/env bash
-# The whole pipeline on one data root, printing every command it runs.
-#   DATA_DIR  data root (default data/small, the synthetic small world, generated if absent)
+# The whole pipeline on one data root, printing every command it runs so it can be copied.
+#   DATA_DIR  data root (default data/small: the synthetic small world, generated if absent)
 #   OUT_DIR   where every artefact goes (default runs/)
-#   PRESET    model preset: small (CPU) or paper (published sizes)
-#   NPROC     processes per training stage (torchrun when > 1)
+#   PRESET    model preset of every stage: small (CPU, default), paper (published sizes), tiny
+#   NPROC     processes per training stage (torchrun when > 1; default 1)
 #   EPOCHS    override every stage's epoch count
+#   WORKERS   DataLoader workers per process (default 1)
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA_DIR=${DATA_DIR:-data/small}
 OUT_DIR=${OUT_DIR:-runs}
 PRESET=${PRESET:-small}
 NPROC=${NPROC:-1}
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-}
-mkdir -p "$OUT_DIR"
+WORKERS=${WORKERS:-1}
+PRED="$OUT_DIR/prediction_result"
+mkdir -p "$OUT_DIR" "$PRED"
+TIMES="$OUT_DIR/stage_times.tsv"
+: > "$TIMES"
+
 run() { echo "+ $*"; "$@"; }
+stage() {  # stage NAME command...: run and record the wall time
+  local name=$1 t0=$SECONDS; shift
+  run "$@"
+  printf '%s\t%d\n' "$name" $((SECONDS - t0)) >> "$TIMES"
+}
+if [ "$NPROC" -gt 1 ]; then
+  TRAIN=(torchrun --standalone --nproc_per_node="$NPROC")
+else
+  TRAIN=(python)
+fi
+COMMON=(--data "$DATA_DIR" --info "$OUT_DIR/info" --preset "$PRESET" --workers "$WORKERS" --no-progress)
+[ -n "${EPOCHS:-}" ] && COMMON+=(--epochs "$EPOCHS")
 
 if [ ! -f "$DATA_DIR/train/train.tsv" ]; then
-  run python synthetic.py --preset small --out "$DATA_DIR"
+  stage synthetic python synthetic.py --preset small --out "$DATA_DIR"
 fi
-run python utils.py preprocess --data "$DATA_DIR" --info "$OUT_DIR/info" --workers 2
+stage preprocess python utils.py preprocess --data "$DATA_DIR" --info "$OUT_DIR/info" --workers 2 --no-progress
+stage multilabel_train "${TRAIN[@]}" multilabel/train.py "${COMMON[@]}" --out "$OUT_DIR/multilabel"
+stage multilabel_export python multilabel/export_model.py --ckpt "$OUT_DIR/multilabel/best.pt" --out "$OUT_DIR/multilabel/encoder.pt"
+stage multilabel_validation python multilabel/validation.py --ckpt "$OUT_DIR/multilabel/best.pt" --data "$DATA_DIR" --captions 5
+for m in model1 model2; do
+  stage ${m}_train "${TRAIN[@]}" $m/train.py "${COMMON[@]}" --export "$OUT_DIR/multilabel/encoder.pt" --out "$OUT_DIR/$m"
+  stage ${m}_validation python $m/validation.py --ckpt "$OUT_DIR/$m/best.pt" --data "$DATA_DIR" --split valid --split testB --out "$PRED"
+done
+TEST_ANS="$DATA_DIR/testB/testB_answer.json"; [ -f "$TEST_ANS" ] || TEST_ANS=""
+stage ensemble env ENSEMBLE_PRED_DIR="$PRED" ENSEMBLE_VALID_ANSWERS="$DATA_DIR/valid/valid_answer.json" \
+  ENSEMBLE_TEST_ANSWERS="$TEST_ANS" ENSEMBLE_OUT="$PRED/submission.csv" \
+  jupyter nbconvert --to notebook --execute ensemble.ipynb --output-dir "$OUT_DIR" --output ensemble.executed.ipynb
+run python summary.py --out "$OUT_DIR"

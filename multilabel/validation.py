@@ -74,9 +74,13 @@ def main(argv=None):
         result["ndcg5"] = utils.ndcg_at_k(preds, answers)
         print("%s NDCG@5 (pretraining score): %.4f  (%d queries, checkpoint epoch %d)"
               % (a.split, result["ndcg5"], len(answers), ck["epoch"]))
-        # caption the correct products of the first queries, so true query and caption agree
-        shown = [i for i, pid in enumerate(cset.pids)
-                 if int(pid) in answers.get(int(cset.qids[cset.pos[i]]), ())][:a.captions]
+        # one correct product of each of the first queries, so true query and caption agree
+        first = {}
+        for i, pid in enumerate(cset.pids):
+            q = int(cset.qids[cset.pos[i]])
+            if int(pid) in answers.get(q, ()):
+                first.setdefault(q, i)
+        shown = list(first.values())[:a.captions]
     else:
         shown = list(range(min(a.captions, len(cset.pids))))
     caps = model.decoder.beam_search(heads[shown, 0], model.word_emb.weight, utils.BOS,

@@ -1,0 +1,44 @@
+"""Print the pipeline's summary table: NDCG@5 of each model and the blend, and stage times.
+
+    python summary.py --out runs
+Reads OUT/prediction_result/ensemble.json (written by ensemble.ipynb) and OUT/stage_times.tsv
+(written by run.sh); writes OUT/summary.json.
+"""
+import argparse
+import json
+import os
+import sys
+
+from utils import atomic_json
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs")
+    a = p.parse_args(argv)
+    ens_path = os.path.join(a.out, "prediction_result", "ensemble.json")
+    if not os.path.exists(ens_path):
+        sys.exit("error: %s not found: run the ensemble notebook first" % ens_path)
+    with open(ens_path) as f:
+        ens = json.load(f)
+    times = []
+    tpath = os.path.join(a.out, "stage_times.tsv")
+    if os.path.exists(tpath):
+        with open(tpath) as f:
+            times = [(n, int(s)) for n, s in (line.split("\t") for line in f if line.strip())]
+    cols = list(ens["table"])
+    print("NDCG@5 (blend: %s normalisation, t=%.3f chosen on valid; valid k-fold estimate %.4f)"
+          % (ens["how"], ens["t"], ens["kfold_ndcg"]))
+    print("%-28s" % "" + "".join("%10s" % c for c in cols))
+    for i, row in enumerate(ens["table_rows"]):
+        print("%-28s" % row + "".join("%10.4f" % ens["table"][c][i] for c in cols))
+    if times:
+        print("\nwall time per stage (s)")
+        for n, s in times:
+            print("  %-24s %6d" % (n, s))
+        print("  %-24s %6d" % ("total", sum(s for _, s in times)))
+    atomic_json({"ensemble": ens, "stage_times_s": dict(times)}, os.path.join(a.out, "summary.json"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Every stage run in-process on the tiny world (main(argv)), exports, resume, predictions,
+and 2-process gloo runs that must keep every trainable parameter identical on both ranks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import utils
+from multilabel import export_model, train as ml_train, validation as ml_validation
+from model1 import train as m1_train, validation as m1_validation
+from model2 import train as m2_train, validation as m2_validation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _common(w, out, epochs=2, preset="tiny"):
+    return ["--data", w.data, "--info", w.info, "--preset", preset, "--workers", "0",
+            "--epochs", str(epochs), "--no-progress", "--out", out]
+
+
+def _log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_world):
+    out = os.path.join(tiny_world.root, "ml")
+    ml_train.main(_common(tiny_world, out) + ["--lr", "3e-3"])
+    export_model.main(["--ckpt", os.path.join(out, "best.pt"),
+                       "--out", os.path.join(out, "encoder.pt")])
+    return out
+
+
+def test_multilabel_trains_and_logs(pretrained):
+    log = _log(pretrained)
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert log[1]["loss"] < log[0]["loss"]
+    assert all(0.0 <= r["valid_ndcg5"] <= 1.0 for r in log)
+    ck = utils.load_checkpoint(os.path.join(pretrained, "last.pt"))
+    assert ck["epoch"] == 1 and ck["args"]["preset"] == "tiny"
+
+
+def test_export_loads_strictly_and_matches(pretrained, tiny_world):
+    model, vocab, _ = ml_validation.load_pretrainer(os.path.join(pretrained, "best.pt"))
+    enc, emb, vocab2, cfg = export_model.load_export(os.path.join(pretrained, "encoder.pt"))
+    assert vocab2.itos == vocab.itos and torch.equal(emb, model.word_emb.weight)
+    cset = utils.CandidateSet.from_tsv(os.path.join(tiny_world.data, "valid/valid.tsv"), vocab)
+    b = next(cset.product_batches(8))
+    model.eval(), enc.eval()
+    assert torch.equal(enc(b["boxes"], b["feats"], b["mask"]),
+                       model.encoder(b["boxes"], b["feats"], b["mask"]))
+    # the export stores no frozen vocabulary-sized table beyond the learned embeddings
+    ex = torch.load(os.path.join(pretrained, "encoder.pt"), weights_only=True)
+    assert set(ex) == {"config", "encoder", "word_emb", "vocab", "source"}
+
+
+def test_multilabel_validation_prints_captions(pretrained, tiny_world, capsys):
+    r = ml_validation.main(["--ckpt", os.path.join(pretrained, "best.pt"),
+                            "--data", tiny_world.data, "--captions", "3"])
+    assert 0 <= r["ndcg5"] <= 1 and len(r["captions"]) == 3
+    assert "caption:" in capsys.readouterr().out
+
+
+def _params(path):
+    return utils.load_checkpoint(path)["model"]
+
+
+def test_multilabel_resume_equals_uninterrupted(pretrained, tiny_world, tmp_path):
+    out = str(tmp_path / "ml")
+    ml_train.main(_common(tiny_world, out, epochs=1) + ["--lr", "3e-3"])
+    ml_train.main(_common(tiny_world, out, epochs=2) + ["--lr", "3e-3", "--resume"])
+    a, b = _params(os.path.join(out, "last.pt")), _params(os.path.join(pretrained, "last.pt"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("stage,val,name", [(m1_train, m1_validation, "model1"),
+                                            (m2_train, m2_validation, "model2")])
+def test_matching_stage_trains_and_predicts(stage, val, name, pretrained, tiny_world, tmp_path):
+    out, pred = str(tmp_path / name), str(tmp_path / "pred")
+    export = os.path.join(pretrained, "encoder.pt")
+    stage.main(_common(tiny_world, out, epochs=2) + ["--export", export])
+    log = _log(out)
+    assert log[-1]["loss"] < log[0]["loss"] and "valid_ndcg5" in log[0]
+    ck = utils.load_checkpoint(os.path.join(out, "best.pt"))
+    assert not any(k.startswith("encoder.trunk.") for k in ck["model"])  # frozen: not stored
+    res = val.main(["--ckpt", os.path.join(out, "best.pt"), "--split", "valid", "--split",
+                    "testB", "--out", pred])
+    assert set(res) == {"valid", "testB"}
+    cands = utils.read_candidates(os.path.join(tiny_world.data, "valid/valid.tsv"))
+    with open(os.path.join(pred, "valid_pred_%s.json" % name)) as f:
+        preds = json.load(f)
+    assert set(map(int, preds)) == set(cands)
+    for q, items in preds.items():
+        assert sorted(int(p) for p, _ in items) == \
+            sorted(r["product_id"] for r in cands[int(q)]["products"])
+        scores = [s for _, s in items]
+        assert scores == sorted(scores, reverse=True)
+    assert os.path.exists(os.path.join(pred, "test_pred_%s.json" % name))
+
+
+def test_matching_resume_equals_uninterrupted(pretrained, tiny_world, tmp_path):
+    export = os.path.join(pretrained, "encoder.pt")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    m1_train.main(_common(tiny_world, a, epochs=2) + ["--export", export, "--no-eval"])
+    m1_train.main(_common(tiny_world, b, epochs=1) + ["--export", export, "--no-eval"])
+    m1_train.main(_common(tiny_world, b, epochs=2) + ["--export", export, "--no-eval",
+                                                      "--resume"])
+    pa, pb = _params(os.path.join(a, "last.pt")), _params(os.path.join(b, "last.pt"))
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], atol=1e-6), k
+
+
+def test_checkpoint_from_another_preset_is_refused(pretrained, tiny_world, tmp_path):
+    out = str(tmp_path / "ml")
+    ml_train.main(_common(tiny_world, out, epochs=1))
+    with pytest.raises(utils.DataError, match="preset"):
+        ml_train.main(_common(tiny_world, out, epochs=2, preset="small") + ["--resume"])
+
+
+def _torchrun(script, args, tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, script)] + args
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                       cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("multilabel/train.py", []), ("model1/train.py", ["--export"]),
+    ("model2/train.py", ["--export"])])
+def test_two_process_gloo_keeps_replicas_identical(script, extra, pretrained, tiny_world,
+                                                   tmp_path):
+    out = str(tmp_path / "run")
+    args = _common(tiny_world, out, epochs=2)
+    if extra:
+        args += ["--export", os.path.join(pretrained, "encoder.pt")]
+    _torchrun(script, args, tmp_path)
+    log = _log(out)
+    assert len(log) == 2 and all(r["rank_param_maxdiff"] == 0.0 for r in log)
+    assert os.path.exists(os.path.join(out, "best.pt"))
+
+
+def test_legacy_launcher_and_inside_folder(pretrained, tiny_world, tmp_path):
+    """python -m torch.distributed.launch passes --local-rank=N; scripts also run from their folder."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    out = str(tmp_path / "legacy")
+    cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", "train.py"] \
+        + _common(tiny_world, out, epochs=1) + ["--no-eval"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.join(ROOT, "multilabel"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _log(out)[0]["rank_param_maxdiff"] == 0.0
