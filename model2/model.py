@@ -18,6 +18,9 @@ class SentenceImageMatcher(nn.Module):
             p.requires_grad = False
         d = word_emb.shape[1]
         self.emb = nn.Embedding.from_pretrained(word_emb.clone(), freeze=True, padding_idx=0)
+        # the sentence head is unnormalised (|x| ~ 2.4 on average, up to ~16 on the small world):
+        # bring it to the scale of a GRU state, or the gates saturate
+        self.h0_norm = nn.LayerNorm(d)
         self.gru = nn.GRU(d, d, num_layers=2, batch_first=True, bidirectional=True)
         self.out = nn.Linear(d, 1)
 
@@ -38,7 +41,7 @@ class SentenceImageMatcher(nn.Module):
         tokens = tokens.clone()
         tokens[lengths == 0, 0] = 1
         lengths = lengths.clamp(min=1)
-        h0 = image[None].expand(4, -1, -1).contiguous()               # (layers*dirs, N, E)
+        h0 = self.h0_norm(image)[None].expand(4, -1, -1).contiguous()  # (layers*dirs, N, E)
         packed = pack_padded_sequence(self.emb(tokens), lengths.cpu(), batch_first=True,
                                       enforce_sorted=False)
         _, h = self.gru(packed, h0.to(self.emb.weight.dtype))
