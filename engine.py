@@ -32,6 +32,8 @@ def core_parser(description, presets):
     g.add_argument("--info", default=os.path.join(utils.ROOT, "info"), help="info/ folder")
     g.add_argument("--max-boxes", type=int, help="keep at most this many boxes per product")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip, count and list bad rows of the evaluation split")
     g = p.add_argument_group("training")
     g.add_argument("--out", required=True, help="checkpoint and log folder")
     g.add_argument("--preset", default="small", choices=sorted(presets))
@@ -100,8 +102,28 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
+def inject_fault(dist, epoch, step, out):
+    """Fault-injection hook for the reliability tests, off unless KDDMM_FAULT is set.
+
+    KDDMM_FAULT="RANK:EPOCH:STEP:exit|raise" makes that rank, at that step, either vanish
+    (os._exit, as when a worker is OOM-killed) or raise. It fires once per OUT folder: the
+    marker OUT/fault_injected stops it firing again in the job that torchrun restarts.
+    """
+    rank, at_epoch, at_step, kind = os.environ["KDDMM_FAULT"].split(":")
+    marker = os.path.join(out, "fault_injected")
+    if (int(rank), int(at_epoch), int(at_step)) != (dist.rank, epoch, step) \
+            or os.path.exists(marker):
+        return
+    os.makedirs(out, exist_ok=True)
+    open(marker, "w").close()
+    if kind == "exit":
+        os._exit(1)
+    raise RuntimeError("injected fault on rank %d, epoch %d, step %d" % (dist.rank, epoch, step))
+
+
 def train_one_epoch(model, loader, opt, dist, args, amp_dtype, scaler, epoch):
     model.train()
+    fault = "KDDMM_FAULT" in os.environ
     sums, n, seen, t0 = {}, 0, 0, time.time()
     from tqdm import tqdm
     steps = len(loader) if not args.steps_per_epoch else min(len(loader), args.steps_per_epoch)
@@ -109,6 +131,8 @@ def train_one_epoch(model, loader, opt, dist, args, amp_dtype, scaler, epoch):
     for step, batch in enumerate(loader):
         if step >= steps:
             break
+        if fault:
+            inject_fault(dist, epoch, step, args.out)
         batch = to_device(batch, dist.device)
         with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
@@ -145,9 +169,11 @@ def fit(args, model, groups, gamma, dataset, collate, evaluate=None, metric="val
     opt, sched = make_optimizer(groups, gamma)
     start, best, history = 0, -float("inf"), []
     last = os.path.join(args.out, "last.pt")
-    if args.resume and os.path.exists(last):
+    # a job that torchrun restarted after a failure resumes by itself (--max-restarts)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    if (args.resume or restarted) and os.path.exists(last):
         ck = utils.load_checkpoint(last)
-        check_compatible(ck, args)
+        check_compatible(ck, args, extra_state)
         model.load_state_dict(ck["model"], strict=False)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -231,11 +257,17 @@ def plain_args(args):
 COMPAT_KEYS = ("preset",)
 
 
-def check_compatible(ck, args):
+def check_compatible(ck, args, extra_state=None):
+    """Refuse a checkpoint of another preset, or with another vocabulary or encoder config
+    (same-sized vocabularies would otherwise load silently into the wrong words)."""
     for k in COMPAT_KEYS:
         if k in ck.get("args", {}) and ck["args"][k] != getattr(args, k, None):
             raise utils.DataError("checkpoint was trained with %s=%r, this run has %r"
                                   % (k, ck["args"][k], getattr(args, k, None)))
+    for k, v in (extra_state or {}).items():
+        if k in ck and ck[k] != v:
+            raise utils.DataError("checkpoint has another %s than this run (another info/ or "
+                                  "export?); start a fresh --out" % k)
 
 
 @torch.no_grad()

@@ -316,11 +316,11 @@ def run_ensemble(pred_dir, valid_answers, out, test_answers=None, grid=100, hows
     tuning = tune(v1, v2, answers, hows, grid, k, seed)
     how = choose_how(tuning, how)
     t = tuning[how]["t"]
-    write_submission(blend(t1, t2, t, how), out)
     splits = {"valid": (v1, v2, answers)}
     if test_answers:  # reported only; never used to choose t or the normalisation
         splits["test"] = (t1, t2, load_answers(test_answers))
-    table = summary_table(splits, t, how)
+    table = summary_table(splits, t, how)  # first: a test query missing fails before writing
+    write_submission(blend(t1, t2, t, how), out)
     folder = os.path.dirname(os.path.abspath(out))
     png, js = os.path.join(folder, "ensemble_t.png"), os.path.join(folder, "ensemble.json")
     plot_curves(tuning, how, png)
@@ -332,6 +332,18 @@ def run_ensemble(pred_dir, valid_answers, out, test_answers=None, grid=100, hows
                  "table_rows": list(table.index), "submission": os.path.abspath(out)}, js)
     return {"how": how, "t": t, "tuning": tuning, "tuning_table": tuning_table(tuning),
             "table": table, "submission": out, "png": png, "json": js}
+
+
+def rank_correlation(p1, p2):
+    """Mean over queries of the Spearman correlation of two models' candidate scores."""
+    out = []
+    for q, s1 in p1.items():
+        pids = sorted(s1)
+        if len(pids) > 1:
+            r1 = np.argsort(np.argsort([s1[p] for p in pids], kind="stable"), kind="stable")
+            r2 = np.argsort(np.argsort([p2[q][p] for p in pids], kind="stable"), kind="stable")
+            out.append(np.corrcoef(r1, r2)[0, 1])
+    return float(np.mean(out))
 
 
 def parse_args(argv=None):

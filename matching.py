@@ -7,7 +7,6 @@ import argparse
 import logging
 import os
 
-import numpy as np
 import torch
 
 import engine
@@ -72,8 +71,8 @@ def make_evaluator(args, vocab):
     tsv, ans = engine.split_paths(args.data, args.eval_split)
     if ans is None:
         return None
-    cset = utils.CandidateSet.from_tsv(tsv, vocab, args.max_boxes)
-    answers = utils.load_answers(ans)
+    cset = utils.CandidateSet.from_tsv(tsv, vocab, args.max_boxes, skip_bad=args.skip_bad)
+    answers = utils.load_answers(ans, cset.products())
 
     def evaluate(model):
         preds = score_split(model, cset, next(model.parameters()).device)
@@ -92,8 +91,9 @@ def train_main(stage, argv, description, fallback):
     sampler = utils.NegativeSampler(queries, args.p_last, fallback)
     dataset = utils.PairDataset(queries, vocab, store, sampler, seed=args.seed)
     evaluate = None if args.no_eval else make_evaluator(args, vocab)
+    # the vocabulary the frozen embeddings index: checked on resume and in load_trained
     return engine.fit(args, model, param_groups(model, args), args.gamma, dataset,
-                      utils.collate_pairs, evaluate)
+                      utils.collate_pairs, evaluate, extra_state={"vocab": vocab.itos})
 
 
 def load_trained(stage, ckpt_path, export=None):
@@ -103,6 +103,9 @@ def load_trained(stage, ckpt_path, export=None):
     if export:
         args.export = export
     model, vocab = build(stage, args)
+    if "vocab" in ck and ck["vocab"] != vocab.itos:
+        raise utils.DataError("%s was trained on another vocabulary than its export %s: "
+                              "retrain it on this export" % (ckpt_path, args.export))
     missing, unexpected = model.load_state_dict(ck["model"], strict=False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen:
@@ -121,6 +124,7 @@ def validation_main(stage, name, argv=None):
     p.add_argument("--out", default="prediction_result", help="prediction folder")
     p.add_argument("--export", help="encoder export (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=4096, help="pairs scored at once")
+    p.add_argument("--skip-bad", action="store_true", help="skip, count and list bad rows")
     a = p.parse_args(argv)
     utils.setup_logging()
     model, vocab, ck = load_trained(stage, a.ckpt, a.export)
@@ -130,28 +134,16 @@ def validation_main(stage, name, argv=None):
     results = {}
     for split in a.split or ["valid", "testB"]:
         tsv, ans = engine.split_paths(data, split)
-        cset = utils.CandidateSet.from_tsv(tsv, vocab, ck["args"].get("max_boxes"))
+        cset = utils.CandidateSet.from_tsv(tsv, vocab, ck["args"].get("max_boxes"),
+                                           skip_bad=a.skip_bad)
         preds = score_split(model, cset, device, a.batch_size)
         fname = "%s_pred_%s.json" % ({"testB": "test"}.get(split, split), name)
         utils.write_predictions(preds, os.path.join(a.out, fname))
         line = "%s: wrote %s (%d queries, %d candidates)" % (
             split, os.path.join(a.out, fname), len(cset), len(cset.pids))
         if ans:
-            results[split] = utils.ndcg_at_k(preds, utils.load_answers(ans))
+            results[split] = utils.ndcg_at_k(preds, utils.load_answers(ans, cset.products()))
             line += "  NDCG@5 %.4f" % results[split]
         print(line)
     return results
 
-
-def spearman(a, b):
-    """Mean over queries of the Spearman rank correlation of two prediction dicts."""
-    out = []
-    for q, items in a.items():
-        sa = dict(items)
-        sb = dict(b[q])
-        pids = sorted(sa)
-        ra = np.argsort(np.argsort([sa[p] for p in pids]))
-        rb = np.argsort(np.argsort([sb[p] for p in pids]))
-        if len(pids) > 1:
-            out.append(np.corrcoef(ra, rb)[0, 1])
-    return float(np.mean(out))

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+import ensemble
 from utils import atomic_json
 
 
@@ -26,18 +27,30 @@ def main(argv=None):
     if os.path.exists(tpath):
         with open(tpath) as f:
             times = [(n, int(s)) for n, s in (line.split("\t") for line in f if line.strip())]
+    extra = {}
+    ml_log = os.path.join(a.out, "multilabel", "log.jsonl")
+    if os.path.exists(ml_log):
+        with open(ml_log) as f:
+            extra["pretraining_only_valid_ndcg5"] = max(
+                json.loads(line).get("valid_ndcg5", 0.0) for line in f)
+    pred = os.path.join(a.out, "prediction_result")
+    if os.path.exists(os.path.join(pred, "valid_pred_model2.json")):
+        p1, p2 = ensemble.load_pair(pred, "valid")
+        extra["valid_rank_correlation_model1_model2"] = ensemble.rank_correlation(p1, p2)
     cols = list(ens["table"])
     print("NDCG@5 (blend: %s normalisation, t=%.3f chosen on valid; valid k-fold estimate %.4f)"
           % (ens["how"], ens["t"], ens["kfold_ndcg"]))
     print("%-28s" % "" + "".join("%10s" % c for c in cols))
     for i, row in enumerate(ens["table_rows"]):
         print("%-28s" % row + "".join("%10.4f" % ens["table"][c][i] for c in cols))
+    for k, v in extra.items():
+        print("%-40s %.4f" % (k.replace("_", " "), v))
     if times:
         print("\nwall time per stage (s)")
         for n, s in times:
             print("  %-24s %6d" % (n, s))
         print("  %-24s %6d" % ("total", sum(s for _, s in times)))
-    atomic_json({"ensemble": ens, "stage_times_s": dict(times)}, os.path.join(a.out, "summary.json"))
+    atomic_json({"ensemble": ens, "stage_times_s": dict(times), **extra}, os.path.join(a.out, "summary.json"))
 
 
 if __name__ == "__main__":

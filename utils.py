@@ -152,7 +152,11 @@ def read_candidates(path, skip_bad=False):
 
 
 def load_answers(path, candidates=None):
-    """valid_answer.json -> {int query_id: set(product ids)}; checks them against candidates."""
+    """valid_answer.json -> {int query_id: set(product ids)}; checks them against candidates.
+
+    candidates: ``read_candidates`` output or {query_id: [product_id, ...]}. A query with
+    answers but no candidates is an error; answers that are not candidates are a warning.
+    """
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
     answers = {int(q): set(int(p) for p in ps) for q, ps in raw.items()}
@@ -160,7 +164,9 @@ def load_answers(path, candidates=None):
         for q, ps in answers.items():
             if q not in candidates:
                 raise DataError("%s: query %d has answers but no candidates" % (path, q))
-            missing = ps - {r["product_id"] for r in candidates[q]["products"]}
+            c = candidates[q]
+            missing = ps - ({r["product_id"] for r in c["products"]} if isinstance(c, dict)
+                            else {int(p) for p in c})
             if missing:
                 log.warning("%s: query %d: %d answers are not among its candidates (they can "
                             "never be ranked; NDCG stays below 1)", path, q, len(missing))
@@ -325,6 +331,13 @@ def byte_ranges(path, n):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+def _save_row(row, features, compress):
+    save_npz_atomic(os.path.join(features, "%d.npz" % row["product_id"]), compress,
+                    features=row["features"], boxes=row["boxes"],
+                    class_labels=row["class_labels"],
+                    image_hw=np.array([row["image_h"], row["image_w"]], np.int64))
+
+
 def _preprocess_range(job):
     """Worker: decode rows of one byte range, write their .npz, return metadata and bad rows."""
     path, start, end, features, compress, skip_bad = job
@@ -338,9 +351,7 @@ def _preprocess_range(job):
             out = os.path.join(features, text.split("\t", 1)[0] + ".npz")
             row = parse_row(text, with_arrays=not os.path.exists(out))
             if "features" in row:
-                save_npz_atomic(out, compress, features=row["features"], boxes=row["boxes"],
-                                class_labels=row["class_labels"],
-                                image_hw=np.array([row["image_h"], row["image_w"]], np.int64))
+                _save_row(row, features, compress)
         except ValueError as e:
             bad.append((off, str(e)))
             if not skip_bad:
@@ -360,6 +371,9 @@ def preprocess(data, features=None, info="info", workers=1, skip_bad=False, comp
     features = features or os.path.join(data, "features")
     os.makedirs(features, exist_ok=True)
     os.makedirs(info, exist_ok=True)
+    for name in os.listdir(features):  # temporaries of a killed run were never renamed
+        if ".npz.tmp" in name:
+            os.remove(os.path.join(features, name))
     n_jobs = max(1, workers) * 8  # small jobs keep the progress bar and the workers busy
     jobs = [(path, s, e, features, compress, skip_bad) for s, e in byte_ranges(path, n_jobs)]
     meta, bad = [], []
@@ -386,8 +400,13 @@ def preprocess(data, features=None, info="info", workers=1, skip_bad=False, comp
     if dup.any():
         first = df[dup].iloc[0]
         msg = "product_id %d appears on %d rows more than once" % (first.product_id, dup.sum())
+        # parallel or resumed workers may have kept any of the rows' .npz: decide it here
+        twice = df.product_id.duplicated(keep=False) & ~dup
         if not skip_bad:
+            for pid in df.product_id[twice]:  # leave no file that a rerun would trust
+                os.remove(os.path.join(features, "%d.npz" % pid))
             raise DataError("%s: duplicate %s" % (path, msg))
+        _rewrite_rows(path, [meta[i][0] for i in np.flatnonzero(twice)], features, compress)
         bad.append((0, "duplicate " + msg + " (kept the first)"))
         df = df[~dup]
     df = df.reset_index(drop=True)
@@ -396,6 +415,14 @@ def preprocess(data, features=None, info="info", workers=1, skip_bad=False, comp
                     "\n  ".join("line %d: %s" % b for b in bad[:50]))
     build_info(df, info, kmeans_k=kmeans_k, seed=seed, min_count=min_count)
     return df
+
+
+def _rewrite_rows(path, offsets, features, compress):
+    """Write again the .npz of the rows that start at these byte offsets of ``path``."""
+    with open(path, "rb") as f:
+        for off in offsets:
+            f.seek(off)
+            _save_row(parse_row(f.readline().rstrip(b"\r\n").decode("utf-8")), features, compress)
 
 
 def atomic_pickle(obj, path):
@@ -757,6 +784,11 @@ class CandidateSet:
     @classmethod
     def from_tsv(cls, path, vocab, max_boxes=None, max_words=None, skip_bad=False):
         return cls(read_candidates(path, skip_bad), vocab, max_boxes, max_words)
+
+    def products(self):
+        """{qid: [pid, ...]}, the candidates of each query (for ``load_answers``)."""
+        return {int(q): self.pids[a:b].tolist()
+                for q, a, b in zip(self.qids, self.offsets[:-1], self.offsets[1:])}
 
     def __len__(self):
         return len(self.qids)

@@ -36,8 +36,8 @@ def rank_split(model, cset, device, batch_size=256):
 def make_evaluator(args, vocab):
     """A closure for engine.fit: NDCG@5 of the pretraining ranking on ``args.eval_split``."""
     tsv, ans = engine.split_paths(args.data, args.eval_split)
-    cset = utils.CandidateSet.from_tsv(tsv, vocab, args.max_boxes)
-    answers = utils.load_answers(ans) if ans else None
+    cset = utils.CandidateSet.from_tsv(tsv, vocab, args.max_boxes, skip_bad=args.skip_bad)
+    answers = utils.load_answers(ans, cset.products()) if ans else None
 
     def evaluate(model):
         preds, _ = rank_split(model, cset, next(model.parameters()).device)
@@ -61,16 +61,17 @@ def main(argv=None):
     p.add_argument("--captions", type=int, default=8, help="products to caption")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--max-boxes", type=int)
+    p.add_argument("--skip-bad", action="store_true", help="skip, count and list bad rows")
     a = p.parse_args(argv)
     model, vocab, ck = load_pretrainer(a.ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     tsv, ans = engine.split_paths(a.data, a.split)
-    cset = utils.CandidateSet.from_tsv(tsv, vocab, a.max_boxes)
+    cset = utils.CandidateSet.from_tsv(tsv, vocab, a.max_boxes, skip_bad=a.skip_bad)
     preds, heads = rank_split(model, cset, device)
     result = {}
     if ans:
-        answers = utils.load_answers(ans)
+        answers = utils.load_answers(ans, cset.products())
         result["ndcg5"] = utils.ndcg_at_k(preds, answers)
         print("%s NDCG@5 (pretraining score): %.4f  (%d queries, checkpoint epoch %d)"
               % (a.split, result["ndcg5"], len(answers), ck["epoch"]))
