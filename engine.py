@@ -29,6 +29,9 @@ def core_parser(description, presets):
     g.add_argument("--data", default=os.path.join(utils.ROOT, "data", "small"),
                    help="competition data root")
     g.add_argument("--features", help="per-product .npz folder (default DATA/features)")
+    g.add_argument("--store", default="npz", choices=["npz", "packed"],
+                   help="read products from the .npz folder or from `utils.py pack`'s store")
+    g.add_argument("--packed", help="packed store folder (default: packed/ beside --features)")
     g.add_argument("--info", default=os.path.join(utils.ROOT, "info"), help="info/ folder")
     g.add_argument("--max-boxes", type=int, help="keep at most this many boxes per product")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
@@ -55,7 +58,15 @@ def apply_preset(args, presets):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.features = args.features or os.path.join(args.data, "features")
+    args.packed = args.packed or utils.default_packed(args.features)
     return args
+
+
+def build_store(args):
+    """The product store the flags name: per-product .npz (default) or the packed store."""
+    if args.store == "packed":
+        return utils.PackedStore(args.packed, args.max_boxes)
+    return utils.ProductStore(args.features, args.max_boxes)
 
 
 def make_optimizer(groups, gamma):

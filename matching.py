@@ -87,7 +87,7 @@ def train_main(stage, argv, description, fallback):
     utils.seed_everything(args.seed, rank)
     queries, vocab = utils.load_info(args.info)
     model, _ = build(stage, args, vocab)
-    store = utils.ProductStore(args.features, args.max_boxes)
+    store = engine.build_store(args)
     sampler = utils.NegativeSampler(queries, args.p_last, fallback)
     dataset = utils.PairDataset(queries, vocab, store, sampler, seed=args.seed)
     evaluate = None if args.no_eval else make_evaluator(args, vocab)
@@ -136,13 +136,14 @@ def validation_main(stage, name, argv=None):
         tsv, ans = engine.split_paths(data, split)
         cset = utils.CandidateSet.from_tsv(tsv, vocab, ck["args"].get("max_boxes"),
                                            skip_bad=a.skip_bad)
+        answers = utils.load_answers(ans, cset.products()) if ans else None  # fail early
         preds = score_split(model, cset, device, a.batch_size)
         fname = "%s_pred_%s.json" % ({"testB": "test"}.get(split, split), name)
         utils.write_predictions(preds, os.path.join(a.out, fname))
         line = "%s: wrote %s (%d queries, %d candidates)" % (
             split, os.path.join(a.out, fname), len(cset), len(cset.pids))
-        if ans:
-            results[split] = utils.ndcg_at_k(preds, utils.load_answers(ans, cset.products()))
+        if answers:
+            results[split] = utils.ndcg_at_k(preds, answers)
             line += "  NDCG@5 %.4f" % results[split]
         print(line)
     return results

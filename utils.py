@@ -3,10 +3,15 @@ the official NDCG@5, submission rules, seeding, checkpoints and distributed help
 
 Preprocess a data root (train rows -> one ``{product_id}.npz`` each, plus ``info/``):
     python utils.py preprocess --data DATA [--features DATA/features] [--info info] [--workers 2]
+Across machines: ``preprocess ... --shard I/N`` for every I (any order, in parallel), then
+``preprocess ... --merge``. Optionally pack the train features into one memory-mapped store
+(``train.py --store packed``):
+    python utils.py pack --features DATA/features --info info [--out DATA/packed] [--fp16]
 """
 import argparse
 import base64
 import binascii
+import io
 import json
 import logging
 import math
@@ -186,8 +191,10 @@ def normalize_boxes(boxes, h, w):
 
 def save_npz_atomic(path, compress=False, **arrays):
     tmp = path + ".tmp%d" % os.getpid()
+    buf = io.BytesIO()  # zipfile seeks back to patch each member: keep that off the disk
+    (np.savez_compressed if compress else np.savez)(buf, **arrays)
     with open(tmp, "wb") as f:
-        (np.savez_compressed if compress else np.savez)(f, **arrays)
+        f.write(buf.getbuffer())
     os.replace(tmp, path)
 
 
@@ -218,6 +225,49 @@ class ProductStore:
         return normalize_boxes(boxes[:k], h, w), np.asarray(feats[:k], np.float32), labels[:k]
 
 
+def default_packed(features):
+    """Where ``pack`` writes by default: ``packed/`` beside the .npz folder."""
+    return os.path.join(os.path.dirname(os.path.abspath(features)), "packed")
+
+
+class PackedStore:
+    """The train products in one memory-mapped array plus offsets (``python utils.py pack``).
+
+    ``get(pid)`` returns what ProductStore.get returns (a float16 pack is widened back to
+    float32). Forked workers share the mapped pages; pickling (spawned workers) reopens the
+    files instead of copying them.
+    """
+    FILES = ("features.npy", "boxes.npy", "class_labels.npy")
+
+    def __init__(self, folder, max_boxes=None):
+        self.folder, self.max_boxes = folder, max_boxes
+        index = os.path.join(folder, "index.npz")
+        if not os.path.exists(index):
+            raise DataError("%s: not found; run `python utils.py pack --out %s`" % (index, folder))
+        with np.load(index) as z:
+            self.pids, self.offsets = z["pids"], z["offsets"]
+        # plain ndarray views of the maps: slicing a np.memmap costs microseconds more
+        self.feats, self.boxes, self.labels = (
+            np.load(os.path.join(folder, name), mmap_mode="r").view(np.ndarray)
+            for name in self.FILES)
+
+    def __getstate__(self):
+        return {"folder": self.folder, "max_boxes": self.max_boxes}
+
+    def __setstate__(self, state):
+        self.__init__(state["folder"], state["max_boxes"])
+
+    def get(self, pid):
+        k = int(np.searchsorted(self.pids, pid))
+        if k == len(self.pids) or self.pids[k] != pid:
+            raise DataError("product %d is not in %s; rerun `python utils.py pack`"
+                            % (pid, self.folder))
+        a, b = self.offsets[k], self.offsets[k + 1]
+        if self.max_boxes:
+            b = min(b, a + self.max_boxes)
+        return self.boxes[a:b].copy(), self.feats[a:b].astype(np.float32), self.labels[a:b].copy()
+
+
 def row_regions(row, max_boxes=None):
     """A decoded TSV row -> the same (boxes5, features, labels) triple as ProductStore.get."""
     k = max_boxes or row["num_boxes"]
@@ -245,10 +295,10 @@ def pad_tokens(seqs, pad=PAD):
     """[[id, ...], ...] -> LongTensor (B, L) padded with ``pad``, lengths (B,)."""
     import torch
     L = max(1, max(len(s) for s in seqs))
-    out = torch.full((len(seqs), L), pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out, torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    out = np.full((len(seqs), L), pad, np.int64)
+    for i, s in enumerate(seqs):  # numpy: a torch.as_tensor per row cost most of a collate
+        out[i, :len(s)] = s
+    return torch.from_numpy(out), torch.tensor([len(s) for s in seqs], dtype=torch.long)
 
 
 # --------------------------------------------------------------------------------------
@@ -325,9 +375,10 @@ class Vocab:
 # --------------------------------------------------------------------------------------
 # Preprocessing
 # --------------------------------------------------------------------------------------
-def byte_ranges(path, n):
-    size = os.path.getsize(path)
-    cuts = [size * i // n for i in range(n + 1)]
+def byte_ranges(path, n, start=0, end=None):
+    """[start, end) of a file (default: all of it) cut into n byte ranges."""
+    end = os.path.getsize(path) if end is None else end
+    cuts = [start + (end - start) * i // n for i in range(n + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
 
 
@@ -361,21 +412,14 @@ def _preprocess_range(job):
     return meta, bad
 
 
-def preprocess(data, features=None, info="info", workers=1, skip_bad=False, compress=False,
-               kmeans_k=None, seed=0, min_count=1, progress=True):
-    """train.tsv -> ``features/{pid}.npz`` + ``info/``. Returns the train DataFrame."""
-    import pandas as pd
-    path = os.path.join(data, "train", "train.tsv")
-    if not os.path.exists(path):
-        raise DataError("%s: not found (is --data a competition data root?)" % path)
-    features = features or os.path.join(data, "features")
-    os.makedirs(features, exist_ok=True)
-    os.makedirs(info, exist_ok=True)
-    for name in os.listdir(features):  # temporaries of a killed run were never renamed
-        if ".npz.tmp" in name:
-            os.remove(os.path.join(features, name))
+def _scan(path, start, end, features, workers, compress, skip_bad, progress):
+    """Rows of ``path`` that start in [start, end) -> their .npz, across ``workers`` processes.
+
+    Returns (meta [(byte offset, *META_COLUMNS)] in file order, bad [(byte offset, reason)]).
+    """
     n_jobs = max(1, workers) * 8  # small jobs keep the progress bar and the workers busy
-    jobs = [(path, s, e, features, compress, skip_bad) for s, e in byte_ranges(path, n_jobs)]
+    jobs = [(path, s, e, features, compress, skip_bad)
+            for s, e in byte_ranges(path, n_jobs, start, end)]
     meta, bad = [], []
     from tqdm import tqdm
     bar = tqdm(total=len(jobs), desc="preprocess", unit="chunk", disable=not progress)
@@ -392,22 +436,92 @@ def preprocess(data, features=None, info="info", workers=1, skip_bad=False, comp
             bad += b
             bar.update()
     bar.close()
+    return meta, bad
+
+
+def _part_path(info, i, n):
+    return os.path.join(info, "parts", "part-%05d-of-%05d.pkl" % (i, n))
+
+
+def _read_parts(path, info):
+    """The metadata parts of ``preprocess --shard I/N`` -> (meta, bad) of the whole file."""
+    folder = os.path.join(info, "parts")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    counts = {int(m[1]) for m in (re.fullmatch(r"part-\d{5}-of-(\d{5})\.pkl", x) for x in names)
+              if m}
+    if len(counts) != 1:
+        raise DataError("%s: %s" % (folder, "parts of several --shard splits %s: remove the stale "
+                                             "ones" % sorted(counts) if counts else
+                                    "no parts; run `preprocess --shard I/N` for every I first"))
+    n = counts.pop()
+    missing = [i for i in range(n) if not os.path.exists(_part_path(info, i, n))]
+    if missing:
+        raise DataError("%s: shards %s of %d have not finished" % (folder, missing[:10], n))
+    meta, bad = [], []
+    for i in range(n):
+        with open(_part_path(info, i, n), "rb") as f:
+            part = pickle.load(f)
+        if part["size"] != os.path.getsize(path):
+            raise DataError("%s: written for a %d-byte %s, which now has %d bytes: rerun the "
+                            "shards" % (_part_path(info, i, n), part["size"], path,
+                                        os.path.getsize(path)))
+        meta += part["meta"]
+        bad += part["bad"]
+    return meta, bad
+
+
+def preprocess(data, features=None, info="info", workers=1, skip_bad=False, compress=False,
+               kmeans_k=None, seed=0, min_count=1, progress=True, shard=None, merge=False):
+    """train.tsv -> ``features/{pid}.npz`` + ``info/``. Returns the train DataFrame.
+
+    ``shard=(i, n)`` converts only the i-th of n byte ranges and writes its metadata to
+    ``info/parts/`` (returns None); once every shard is done, ``merge=True`` builds ``info/``
+    from the parts exactly as a single run would.
+    """
+    import pandas as pd
+    path = os.path.join(data, "train", "train.tsv")
+    if not os.path.exists(path):
+        raise DataError("%s: not found (is --data a competition data root?)" % path)
+    features = features or os.path.join(data, "features")
+    os.makedirs(features, exist_ok=True)
+    os.makedirs(info, exist_ok=True)
+    if shard is None:  # shards run side by side: the merge clears what killed ones left
+        for name in os.listdir(features):  # temporaries of a killed run were never renamed
+            if ".npz.tmp" in name:
+                os.remove(os.path.join(features, name))
+    if merge:
+        meta, bad = _read_parts(path, info)
+    else:
+        span = (0, None) if shard is None else byte_ranges(path, shard[1])[shard[0]]
+        meta, bad = _scan(path, *span, features, workers, compress, skip_bad, progress)
+    if shard is not None:
+        if bad and not skip_bad:
+            off, reason = min(bad)
+            raise DataError("%s:%d: %s (use --skip-bad to skip and count bad rows)"
+                            % (path, line_number(path, off), reason))
+        os.makedirs(os.path.join(info, "parts"), exist_ok=True)
+        atomic_pickle({"shard": shard[0], "shards": shard[1], "size": os.path.getsize(path),
+                       "meta": meta, "bad": bad}, _part_path(info, *shard))
+        log.info("shard %d/%d: %d rows, %d bad", *shard, len(meta), len(bad))
+        return None
     bad = [(line_number(path, off), reason) for off, reason in sorted(bad)]
     if bad and not skip_bad:
         raise DataError("%s:%d: %s (use --skip-bad to skip and count bad rows)" % (path, *bad[0]))
     df = pd.DataFrame([m[1:] for m in meta], columns=META_COLUMNS)
     dup = df.duplicated("product_id", keep="first")
     if dup.any():
-        first = df[dup].iloc[0]
-        msg = "product_id %d appears on %d rows more than once" % (first.product_id, dup.sum())
+        i = int(np.flatnonzero(dup)[0])
+        line = line_number(path, meta[i][0])
+        msg = "duplicate product_id %d (%d rows repeat an earlier product id)" \
+            % (df.product_id[i], dup.sum())
         # parallel or resumed workers may have kept any of the rows' .npz: decide it here
         twice = df.product_id.duplicated(keep=False) & ~dup
         if not skip_bad:
             for pid in df.product_id[twice]:  # leave no file that a rerun would trust
                 os.remove(os.path.join(features, "%d.npz" % pid))
-            raise DataError("%s: duplicate %s" % (path, msg))
-        _rewrite_rows(path, [meta[i][0] for i in np.flatnonzero(twice)], features, compress)
-        bad.append((0, "duplicate " + msg + " (kept the first)"))
+            raise DataError("%s:%d: %s" % (path, line, msg))
+        _rewrite_rows(path, [meta[k][0] for k in np.flatnonzero(twice)], features, compress)
+        bad.append((line, msg + "; kept the first"))
         df = df[~dup]
     df = df.reset_index(drop=True)
     if bad:
@@ -423,6 +537,53 @@ def _rewrite_rows(path, offsets, features, compress):
         for off in offsets:
             f.seek(off)
             _save_row(parse_row(f.readline().rstrip(b"\r\n").decode("utf-8")), features, compress)
+
+
+def pack(features, info, out=None, fp16=False, progress=True):
+    """``features/{pid}.npz`` of every train product (``info/data.pkl``) -> a PackedStore folder.
+
+    OUT/features.npy (R, 2048) float32 (float16 with ``fp16``), OUT/boxes.npy (R, 5)
+    normalised, OUT/class_labels.npy (R,) int64; OUT/index.npz: pids (P,) ascending and
+    offsets (P + 1,), product k owning rows offsets[k]:offsets[k + 1]. The index is written
+    last, so a killed run leaves no pack that loads. Returns OUT.
+    """
+    import pandas as pd
+    from tqdm import tqdm
+    df = pd.read_pickle(os.path.join(info, "data.pkl")).sort_values("product_id")
+    pids = df.product_id.to_numpy(np.int64)
+    offsets = np.zeros(len(pids) + 1, np.int64)
+    np.cumsum(df.num_boxes.to_numpy(np.int64), out=offsets[1:])
+    out = out or default_packed(features)
+    os.makedirs(out, exist_ok=True)
+    index = os.path.join(out, "index.npz")
+    if os.path.exists(index):
+        os.remove(index)
+    R, ftype = int(offsets[-1]), np.float16 if fp16 else np.float32
+    specs = dict(zip(PackedStore.FILES, [(ftype, (R, FEAT_DIM)), (np.float32, (R, 5)),
+                                         (np.int64, (R,))]))
+    arrays = [np.lib.format.open_memmap(os.path.join(out, name + ".tmp"), "w+", dt, shape)
+              for name, (dt, shape) in specs.items()]
+    store = ProductStore(features)
+    for k in tqdm(range(len(pids)), desc="pack", unit="product", disable=not progress):
+        parts = store.get(pids[k])
+        a, b = offsets[k], offsets[k + 1]
+        if len(parts[2]) != b - a:
+            raise DataError("%s: %d boxes, %s/data.pkl says %d; rerun preprocess"
+                            % (store.path(pids[k]), len(parts[2]), info, b - a))
+        f = parts[1].astype(ftype)
+        if fp16 and not np.isfinite(f).all():
+            raise DataError("product %d: a feature exceeds float16's range; pack without "
+                            "--fp16" % pids[k])
+        for arr, x in zip(arrays, (f, parts[0], parts[2])):
+            arr[a:b] = x
+    for arr in arrays:
+        arr.flush()
+    del arrays
+    for name in specs:
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    save_npz_atomic(index, pids=pids, offsets=offsets)
+    log.info("packed %d products, %d regions (%s) into %s", len(pids), R, np.dtype(ftype), out)
+    return out
 
 
 def atomic_pickle(obj, path):
@@ -441,12 +602,12 @@ def build_info(df, info, kmeans_k=None, seed=0, min_count=1):
     """Query map, last-word groups, K-Means clusters and vocabulary -> ``info/``."""
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.feature_extraction.text import TfidfVectorizer
-    atomic_pickle(df, os.path.join(info, "data.pkl"))
     g = df.groupby("query_id", sort=True)
     texts = g["query"].first()
     if (g["query"].nunique() > 1).any():
         q = int(texts.index[(g["query"].nunique() > 1).values][0])
         raise DataError("train: query_id %d carries two different query texts" % q)
+    atomic_pickle(df, os.path.join(info, "data.pkl"))  # after the check: no half-built info/
     qids = texts.index.to_numpy(np.int64)
     tokens = [tokenize(t) for t in texts]
     products = [np.asarray(v, np.int64) for v in g["product_id"].agg(list)]
@@ -952,16 +1113,38 @@ def parse_args(argv=None):
     pp.add_argument("--kmeans-k", type=int, help="K-Means clusters (default queries/20, <=1000)")
     pp.add_argument("--min-count", type=int, default=1, help="vocabulary minimum count")
     pp.add_argument("--seed", type=int, default=0)
+    g = pp.add_mutually_exclusive_group()
+    g.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="convert only the I-th of N byte ranges (0 <= I < N); then --merge")
+    g.add_argument("--merge", action="store_true",
+                   help="build info/ from the parts of every --shard (same other flags)")
     pp.add_argument("--no-progress", action="store_true")
+    pk = sub.add_parser("pack", help="features/*.npz of the train split -> one mapped store")
+    pk.add_argument("--features", required=True, help="the .npz folder of preprocess")
+    pk.add_argument("--info", default=os.path.join(ROOT, "info"), help="info folder of that run")
+    pk.add_argument("--out", help="pack folder (default: packed/ beside --features)")
+    pk.add_argument("--fp16", action="store_true", help="features as float16 (half the size)")
+    pk.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def _shard(text):
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not int(m[1]) < int(m[2]) <= 99999:
+        raise argparse.ArgumentTypeError("expected I/N with 0 <= I < N <= 99999, got %r" % text)
+    return int(m[1]), int(m[2])
 
 
 def main(argv=None):
     setup_logging()
     a = parse_args(argv)
     try:
-        preprocess(a.data, a.features, a.info, a.workers, a.skip_bad, a.compress, a.kmeans_k,
-                   a.seed, a.min_count, progress=not a.no_progress)
+        if a.cmd == "pack":
+            pack(a.features, a.info, a.out, a.fp16, progress=not a.no_progress)
+        else:
+            preprocess(a.data, a.features, a.info, a.workers, a.skip_bad, a.compress,
+                       a.kmeans_k, a.seed, a.min_count, progress=not a.no_progress,
+                       shard=a.shard, merge=a.merge)
     except DataError as e:
         sys.exit("error: %s" % e)
 

@@ -69,7 +69,7 @@ def main(argv=None):
     utils.setup_logging(rank == 0)
     utils.seed_everything(args.seed, rank)
     queries, vocab = utils.load_info(args.info)
-    store = utils.ProductStore(args.features, args.max_boxes)
+    store = engine.build_store(args)
     dataset = utils.PairDataset(queries, vocab, store, sampler=None, seed=args.seed)
     cfg = ENCODER_PRESETS[args.encoder]
     model = Pretrainer(cfg, len(vocab), args.k_hard)

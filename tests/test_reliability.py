@@ -1,0 +1,555 @@
+"""Reliability (issue 8): bad input is an error naming file, line and reason (or, with
+--skip-bad, skipped and counted); crashes resume to the same result; a distributed fault
+restarts or stops the job, never hangs it; nothing unsafe is loaded or written.
+
+Cases already covered elsewhere are not repeated: tests/test_data.py (column count, base64,
+decoded length, num_boxes 0, a non-digit id, truncated last line, CRLF, a missing train.tsv,
+a missing or corrupt .npz) and tests/test_stages.py (multilabel and model1 resume, a
+checkpoint of another preset).
+"""
+import argparse
+import json
+import logging
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import ensemble
+import matching
+import synthetic
+import utils
+from multilabel import export_model, train as ml_train, validation as ml_validation
+from model1 import train as m1_train
+from model2 import train as m2_train, validation as m2_validation
+from utils import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------------------
+# Hand-made rows
+# --------------------------------------------------------------------------------------
+def _row(pid, query="red dress", qid=5, n=2, boxes=None, feats=None, labels=None):
+    """One TSV line (str, with its newline) of a 500x400 picture."""
+    feats = np.random.default_rng(pid).random((n, 2048), dtype=np.float32) \
+        if feats is None else feats
+    boxes = np.array([[0, 0, 100, 100]] * n, np.float32) if boxes is None else boxes
+    labels = np.zeros(n, np.int64) if labels is None else labels
+    return synthetic.tsv_row(pid, (500, 400, np.asarray(boxes, np.float32),
+                                   np.asarray(feats, np.float32), labels), query, qid)
+
+
+def _write_tsv(path, rows):
+    """rows: str or bytes lines; written as bytes so that invalid UTF-8 survives."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(("\t".join(utils.COLUMNS) + "\n").encode())
+        f.writelines(r.encode() if isinstance(r, str) else r for r in rows)
+
+
+def _nan(n=2):
+    f = np.ones((n, 2048), np.float32)
+    f[-1, 7] = np.nan
+    return f
+
+
+BAD_ROWS = {  # name -> (row 9 of train.tsv, the reason the error must give)
+    "nan feature": (_row(100000008, feats=_nan()), "NaN or infinity"),
+    "inf feature": (_row(100000008, feats=np.full((2, 2048), np.inf, np.float32)),
+                    "NaN or infinity"),
+    "nan box": (_row(100000008, boxes=[[0, 0, np.nan, 9], [0, 0, 9, 9]]), "NaN or infinity"),
+    "box below the image": (_row(100000008, boxes=[[0, 0, 600, 100], [0, 0, 9, 9]]),
+                            "box outside the 500x400 image"),
+    "box left of the image": (_row(100000008, boxes=[[0, -30, 90, 100], [0, 0, 9, 9]]),
+                              "box outside"),
+    "bottom above top": (_row(100000008, boxes=[[100, 0, 50, 100], [0, 0, 9, 9]]),
+                         "bottom<top"),
+    "class label 33": (_row(100000008, labels=np.array([0, 33])), "class label outside"),
+    "non-UTF-8 query": (_row(100000008, query="red @@ dress").encode().replace(b"@@", b"\xff\xfe"),
+                        "not UTF-8"),
+    "tab inside the query": (_row(100000008, query="red\tdress"), "found 10"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_train_row_is_an_error_or_skipped_with_a_count(tmp_path, caplog, case):
+    """Error `train.tsv:9: reason`, info/ not written; --skip-bad keeps the 8 good rows and
+    logs the count and the line. A tab in the query must never shift the columns."""
+    data, info = str(tmp_path / "d"), str(tmp_path / "i")
+    rows = [_row(100000001 + i, qid=5 + i % 2) for i in range(9)]
+    rows[7], reason = BAD_ROWS[case]
+    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    with pytest.raises(DataError, match=r"train\.tsv:9: .*%s" % reason):
+        utils.preprocess(data, info=info, progress=False)
+    assert not os.path.exists(os.path.join(info, "data.pkl"))
+    with caplog.at_level(logging.WARNING, logger="kddmm"):
+        df = utils.preprocess(data, info=info, skip_bad=True, progress=False)
+    assert len(df) == 8 and 100000008 not in set(df.product_id)
+    assert "skipped 1 bad rows" in caplog.text and "line 9: " in caplog.text
+    assert not os.path.exists(os.path.join(data, "features", "100000008.npz"))
+
+
+def test_cli_bad_row_exits_non_zero_naming_file_and_line(tmp_path):
+    data, info = str(tmp_path / "d"), str(tmp_path / "i")
+    rows = [_row(100000001 + i) for i in range(9)]
+    rows[7] = BAD_ROWS["tab inside the query"][0]
+    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "utils.py"), "preprocess", "--data",
+                        data, "--info", info, "--workers", "1", "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "train.tsv:9: expected 9 tab-separated columns, found 10" in r.stderr
+    assert not os.path.exists(os.path.join(info, "queries.pkl"))
+
+
+def test_bad_candidate_row_is_an_error_or_skipped_with_a_count(tmp_path, caplog):
+    path = str(tmp_path / "valid" / "valid.tsv")
+    rows = [_row(103000001 + i, qid=7) for i in range(6)]
+    rows[3] = _row(103000004, qid=7, feats=_nan())
+    rows[4] = _row(103000005, query="red\tdress", qid=7)
+    _write_tsv(path, rows)
+    with pytest.raises(DataError, match=r"valid\.tsv:5: .*NaN"):
+        utils.read_candidates(path)
+    with caplog.at_level(logging.WARNING, logger="kddmm"):
+        cands = utils.read_candidates(path, skip_bad=True)
+    assert [r["product_id"] for r in cands[7]["products"]] == [103000001, 103000002,
+                                                                103000003, 103000006]
+    assert "skipped 2 bad rows" in caplog.text and "valid.tsv:6: expected 9" in caplog.text
+
+
+def test_quotes_in_queries_round_trip_untouched(tmp_path):
+    """Quoting is disabled everywhere: quotes, even unbalanced, reach info/ and the
+    candidate reader exactly as written."""
+    texts = ['women\'s "red" dress', 'say "hi shirt', "''single'' 'quoted' skirt",
+             '"""triple"""']
+    rows = [_row(100000001 + 3 * i + j, query=t, qid=10 + i) for i, t in enumerate(texts)
+            for j in range(3)]
+    data, info = str(tmp_path / "d"), str(tmp_path / "i")
+    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    df = utils.preprocess(data, info=info, progress=False)
+    assert sorted(set(df["query"])) == sorted(texts)
+    queries, _ = utils.load_info(info)
+    assert sorted(queries["text"]) == sorted(texts)
+    assert queries["tokens"][queries["text"].index('say "hi shirt')] == ["say", "hi", "shirt"]
+    _write_tsv(str(tmp_path / "v.tsv"), rows)
+    cands = utils.read_candidates(str(tmp_path / "v.tsv"))
+    assert sorted(c["query"] for c in cands.values()) == sorted(texts)
+
+
+def test_stopword_only_query_is_skipped_in_training_with_a_count(tmp_path, caplog):
+    texts = ["red dress", "blue shirt", "the for with"]
+    rows = [_row(100000001 + 3 * i + j, query=t, qid=10 + i) for i, t in enumerate(texts)
+            for j in range(3)]
+    data, info = str(tmp_path / "d"), str(tmp_path / "i")
+    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    utils.preprocess(data, info=info, progress=False)
+    queries, vocab = utils.load_info(info)
+    k = list(queries["query_id"]).index(12)
+    assert queries["tokens"][k] == [] and queries["last_word"][k] == "<empty>"
+    store = utils.ProductStore(os.path.join(data, "features"))
+    with caplog.at_level(logging.WARNING, logger="kddmm"):
+        ds = utils.PairDataset(queries, vocab, store, utils.NegativeSampler(queries))
+    assert "skipped 1 of 3 queries" in caplog.text
+    assert len(ds) == 6 and k not in set(ds.pair_query.tolist())
+    assert all(ds[i]["nqi"] != k for i in range(len(ds)))
+
+
+def test_duplicate_product_id_is_an_error_or_keeps_the_first_row(tmp_path, caplog):
+    """Error, and no .npz of that product left for a rerun to trust; --skip-bad keeps the
+    first row's arrays even when a parallel (or killed) run wrote the later row's file."""
+    data, info = str(tmp_path / "d"), str(tmp_path / "i")
+    feats = str(tmp_path / "d" / "features")
+    first = np.full((2, 2048), 1.0, np.float32)
+    later = np.full((2, 2048), 2.0, np.float32)
+    rows = [_row(100000001 + i, qid=5 + i % 2) for i in range(9)]
+    rows[2] = _row(100000042, feats=first)
+    rows[7] = _row(100000042, feats=later, qid=6)
+    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    with pytest.raises(DataError, match=r"train\.tsv:9: duplicate product_id 100000042"):
+        utils.preprocess(data, info=info, progress=False)
+    npz = os.path.join(feats, "100000042.npz")
+    assert not os.path.exists(npz) and not os.path.exists(os.path.join(info, "data.pkl"))
+    utils.save_npz_atomic(npz, features=later, boxes=np.zeros((2, 4), np.float32),
+                          class_labels=np.zeros(2, np.int64),
+                          image_hw=np.array([500, 400], np.int64))
+    with caplog.at_level(logging.WARNING, logger="kddmm"):
+        df = utils.preprocess(data, info=info, skip_bad=True, progress=False)
+    assert len(df) == 8 and df.query_id[df.product_id == 100000042].tolist() == [5]
+    assert "line 9: duplicate product_id 100000042" in caplog.text
+    assert "kept the first" in caplog.text
+    _, f, _ = utils.ProductStore(feats).get(100000042)
+    assert np.array_equal(f, first)
+
+
+def test_one_query_id_with_two_texts_is_an_error(tmp_path):
+    rows = [_row(100000001 + i, qid=5) for i in range(4)]
+    rows[3] = _row(100000004, query="blue shirt", qid=5)
+    data, info = str(tmp_path / "d"), str(tmp_path / "i")
+    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    with pytest.raises(DataError, match="query_id 5 carries two different query texts"):
+        utils.preprocess(data, info=info, progress=False)
+    assert os.listdir(info) == []  # nothing half-built for a later stage to trust
+    _write_tsv(str(tmp_path / "v.tsv"), rows)
+    with pytest.raises(DataError, match=r"v\.tsv:5: query_id 5 has two different texts"):
+        utils.read_candidates(str(tmp_path / "v.tsv"))
+
+
+def test_answers_against_candidates(tmp_path, caplog):
+    """A query with answers but no candidates is an error; an answer that is not among its
+    query's candidates is a warning (it can never be ranked: NDCG stays below 1)."""
+    path = str(tmp_path / "valid" / "valid.tsv")
+    _write_tsv(path, [_row(103000001 + i, qid=7) for i in range(4)])
+    cands = utils.read_candidates(path)
+    ans = tmp_path / "valid_answer.json"
+    ans.write_text(json.dumps({"7": [103000001, 103000099]}))
+    for form in (cands, {7: [103000001, 103000002, 103000003, 103000004]}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kddmm"):
+            answers = utils.load_answers(str(ans), form)
+        assert answers == {7: {103000001, 103000099}}
+        assert "query 7: 1 answers are not among its candidates" in caplog.text
+    ans.write_text(json.dumps({"7": [103000001], "8": [103000002]}))
+    with pytest.raises(DataError, match="query 8 has answers but no candidates"):
+        utils.load_answers(str(ans), cands)
+
+
+# --------------------------------------------------------------------------------------
+# Trained stages on the tiny world (a few steps each)
+# --------------------------------------------------------------------------------------
+def _common(w, out, epochs=2, info=None):
+    return ["--data", w.data, "--info", info or w.info, "--preset", "tiny", "--workers", "0",
+            "--epochs", str(epochs), "--no-progress", "--out", out, "--steps-per-epoch", "4"]
+
+
+@pytest.fixture(scope="module")
+def pre(tiny_world, tmp_path_factory):
+    """A multilabel run (1 epoch of 4 steps) and its export."""
+    out = str(tmp_path_factory.mktemp("rel") / "ml")
+    ml_train.main(_common(tiny_world, out, epochs=1) + ["--no-eval"])
+    export_model.main(["--ckpt", os.path.join(out, "last.pt"),
+                       "--out", os.path.join(out, "encoder.pt")])
+    return out
+
+
+@pytest.fixture(scope="module")
+def m2(pre, tiny_world, tmp_path_factory):
+    """model2 trained 2 epochs without interruption."""
+    out = str(tmp_path_factory.mktemp("rel") / "m2")
+    m2_train.main(_common(tiny_world, out) + ["--export", os.path.join(pre, "encoder.pt"),
+                                              "--no-eval"])
+    return out
+
+
+def _other_vocab_export(pre, path):
+    """The export with two words swapped: same size, another vocabulary."""
+    ex = torch.load(os.path.join(pre, "encoder.pt"), weights_only=True)
+    ex["vocab"][4], ex["vocab"][5] = ex["vocab"][5], ex["vocab"][4]
+    utils.save_checkpoint(ex, path)
+    return path
+
+
+def test_model2_crash_mid_epoch_then_resume_equals_uninterrupted(m2, pre, tiny_world, tmp_path,
+                                                                 monkeypatch):
+    out = str(tmp_path / "m2")
+    argv = _common(tiny_world, out) + ["--export", os.path.join(pre, "encoder.pt"), "--no-eval"]
+    monkeypatch.setenv("KDDMM_FAULT", "0:1:2:raise")
+    with pytest.raises(RuntimeError, match="injected fault on rank 0, epoch 1, step 2"):
+        m2_train.main(argv)
+    monkeypatch.delenv("KDDMM_FAULT")
+    assert utils.load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 0
+    m2_train.main(argv + ["--resume"])
+    a = utils.load_checkpoint(os.path.join(m2, "last.pt"))
+    b = utils.load_checkpoint(os.path.join(out, "last.pt"))
+    assert a["model"].keys() == b["model"].keys() and b["epoch"] == 1
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+
+
+def test_checkpoint_or_export_of_another_vocabulary_is_refused(pre, m2, tiny_world, tmp_path):
+    other = _other_vocab_export(pre, str(tmp_path / "other.pt"))
+    with pytest.raises(DataError, match="another vocabulary"):  # export vs info/
+        m1_train.main(_common(tiny_world, str(tmp_path / "m1")) + ["--export", other])
+    with pytest.raises(DataError, match="another vocabulary"):  # trained model vs export
+        m2_validation.main(["--ckpt", os.path.join(m2, "best.pt"), "--export", other,
+                            "--out", str(tmp_path / "pred")])
+    # resuming pretraining on an info/ whose vocabulary differs (same size: no shape error)
+    info = str(tmp_path / "info")
+    shutil.copytree(tiny_world.info, info)
+    with open(os.path.join(info, "vocab.json"), encoding="utf-8") as f:
+        v = json.load(f)
+    v["itos"][4], v["itos"][5] = v["itos"][5], v["itos"][4]
+    utils.atomic_json(v, os.path.join(info, "vocab.json"))
+    out = str(tmp_path / "ml")
+    shutil.copytree(pre, out)
+    with pytest.raises(DataError, match="another vocab"):
+        ml_train.main(_common(tiny_world, out, info=info) + ["--no-eval", "--resume"])
+
+
+def _edit_valid(tiny_world, root, edit):
+    """Copy valid/ of the tiny world to root/valid, rows passed through edit(row dict)."""
+    os.makedirs(os.path.join(root, "valid"))
+    shutil.copy(os.path.join(tiny_world.data, "valid", "valid_answer.json"),
+                os.path.join(root, "valid"))
+    rows = []
+    for _, text in utils.iter_lines(os.path.join(tiny_world.data, "valid", "valid.tsv")):
+        r = edit(utils.parse_row(text))
+        if r is not None:
+            rows.append(synthetic.tsv_row(r["product_id"], (
+                r["image_h"], r["image_w"], r["boxes"], r["features"], r["class_labels"]),
+                r["query"], r["query_id"]))
+    _write_tsv(os.path.join(root, "valid", "valid.tsv"), rows)
+    return root
+
+
+def test_validation_ranks_stopword_queries_and_skips_bad_rows(m2, pre, tiny_world, tmp_path,
+                                                              caplog):
+    """A stopword-only query still gets every candidate scored; a NaN row (an answer) is an
+    error naming file and line, or with --skip-bad skipped, counted, and warned about."""
+    answers = utils.load_answers(os.path.join(tiny_world.data, "valid", "valid_answer.json"))
+    q_empty, q_bad = sorted(answers)[:2]
+    bad_pid = min(answers[q_bad])
+
+    def edit(r):
+        if r["query_id"] == q_empty:
+            r["query"] = "the for with"
+        if r["product_id"] == bad_pid:
+            r["features"] = _nan(r["num_boxes"])
+        return r
+    data = _edit_valid(tiny_world, str(tmp_path / "d"), edit)
+    pred = str(tmp_path / "pred")
+    argv = ["--ckpt", os.path.join(m2, "best.pt"), "--data", data, "--split", "valid",
+            "--out", pred]
+    with pytest.raises(DataError, match=r"valid\.tsv:\d+: features or boxes contain NaN"):
+        m2_validation.main(argv)
+    with caplog.at_level(logging.WARNING, logger="kddmm"):
+        res = m2_validation.main(argv + ["--skip-bad"])
+    assert 0.0 <= res["valid"] <= 1.0
+    assert "skipped 1 bad rows" in caplog.text
+    assert "query %d: 1 answers are not among its candidates" % q_bad in caplog.text
+    preds = utils.load_predictions(os.path.join(pred, "valid_pred_model2.json"))
+    cands = utils.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv"))
+    assert set(preds) == set(cands)
+    for q, items in preds.items():
+        want = {r["product_id"] for r in cands[q]["products"]} - {bad_pid}
+        assert {p for p, _ in items} == want and np.isfinite([s for _, s in items]).all()
+    # the same flag for the validation inside training and for the pretraining ranking
+    model, vocab, _ = matching.load_trained(m2_train, os.path.join(m2, "best.pt"))
+    args = argparse.Namespace(data=data, eval_split="valid", max_boxes=None, skip_bad=True)
+    assert 0.0 <= matching.make_evaluator(args, vocab)(model)["valid_ndcg5"] <= 1.0
+    argv = ["--ckpt", os.path.join(pre, "last.pt"), "--data", data, "--captions", "1"]
+    with pytest.raises(DataError, match=r"valid\.tsv:\d+: features or boxes contain NaN"):
+        ml_validation.main(argv)
+    assert 0.0 <= ml_validation.main(argv + ["--skip-bad"])["ndcg5"] <= 1.0
+
+
+def test_validation_query_with_answers_but_no_candidates_is_an_error(m2, tiny_world, tmp_path):
+    gone = min(utils.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv")))
+    data = _edit_valid(tiny_world, str(tmp_path / "d"),
+                       lambda r: None if r["query_id"] == gone else r)
+    with pytest.raises(DataError, match="query %d has answers but no candidates" % gone):
+        m2_validation.main(["--ckpt", os.path.join(m2, "best.pt"), "--data", data,
+                            "--split", "valid", "--out", str(tmp_path / "pred")])
+
+
+def test_every_model_ranks_a_stopword_only_query(pre, tiny_world):
+    """model1 (all candidates tie: product id order), model2 (reads <unk>) and the
+    pretraining score (0 for all) give every candidate a finite score."""
+    cands = utils.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv"))
+    q0 = min(cands)
+    cands[q0]["query"] = "the for with"
+    model, vocab, _ = ml_validation.load_pretrainer(os.path.join(pre, "last.pt"))
+    cset = utils.CandidateSet(cands, vocab)
+    assert cset.tokens[0] == []
+    cpu = torch.device("cpu")
+    results = {"multilabel": ml_validation.rank_split(model, cset, cpu)[0]}
+    for name, stage in (("model1", m1_train), ("model2", m2_train)):
+        args = argparse.Namespace(export=os.path.join(pre, "encoder.pt"), info=tiny_world.info,
+                                  **stage.PRESETS["tiny"])
+        results[name] = matching.score_split(matching.build(stage, args, vocab)[0], cset, cpu)
+    for name, preds in results.items():
+        assert set(preds) == set(cands), name
+        for q, items in preds.items():
+            assert sorted(p for p, _ in items) == \
+                sorted(r["product_id"] for r in cands[q]["products"]), name
+            assert np.isfinite([s for _, s in items]).all(), name
+    ties = {s for _, s in results["model1"][q0]}
+    assert len(ties) == 1  # no word to match: a tie, broken by product id
+
+
+def test_prediction_file_missing_a_query_is_an_error(tmp_path):
+    """ensemble: a valid (or, when test answers are given, test) query missing from the
+    prediction files stops the run before submission.csv is written."""
+    rng = np.random.default_rng(0)
+    cands = {q: [1000 * q + j for j in range(6)] for q in range(1, 7)}
+    answers = {str(q): ps[:2] for q, ps in cands.items()}
+    pred_dir = tmp_path / "pred"
+    for split in ("valid", "test"):
+        for m in ("model1", "model2"):
+            utils.write_predictions({q: [(p, float(rng.random())) for p in ps]
+                                     for q, ps in cands.items()},
+                                    str(pred_dir / ("%s_pred_%s.json" % (split, m))))
+    (tmp_path / "answers.json").write_text(json.dumps(answers))
+    out = str(tmp_path / "sub" / "submission.csv")
+    argv = ["--pred-dir", str(pred_dir), "--valid-answers", str(tmp_path / "answers.json"),
+            "--test-answers", str(tmp_path / "answers.json"), "--out", out, "--k", "2",
+            "--grid", "5"]
+    ensemble.main(argv)  # complete files: fine
+    os.remove(out)
+    for split in ("test", "valid"):
+        for m in ("model1", "model2"):
+            path = str(pred_dir / ("%s_pred_%s.json" % (split, m)))
+            preds = utils.load_predictions(path)
+            del preds[3]
+            utils.write_predictions(preds, path)
+        with pytest.raises(SystemExit, match="no entry for query 3"):
+            ensemble.main(argv)
+        assert not os.path.exists(out)
+
+
+# --------------------------------------------------------------------------------------
+# Crashes
+# --------------------------------------------------------------------------------------
+def _npz_count(folder):
+    return sum(name.endswith(".npz") for name in os.listdir(folder)) \
+        if os.path.isdir(folder) else 0
+
+
+def _tree(folder):
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def test_preprocess_killed_half_way_then_rerun_is_byte_identical(tiny_world, tmp_path):
+    """SIGKILL with a third of the products written, rerun: features/ and info/ equal a
+    clean run's byte for byte (no torn file, no leftover temporary)."""
+    data, info = str(tmp_path / "d"), str(tmp_path / "i")
+    feats = os.path.join(data, "features")
+    os.makedirs(os.path.join(data, "train"))
+    shutil.copy(os.path.join(tiny_world.data, "train", "train.tsv"),
+                os.path.join(data, "train"))
+    total = _npz_count(tiny_world.features)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "utils.py"), "preprocess",
+                             "--data", data, "--info", info, "--workers", "1", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.time() + 120
+        # run it in slices of a few milliseconds, so a busy machine cannot let it finish
+        while _npz_count(feats) < total // 3:
+            assert proc.poll() is None and time.time() < deadline
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.003)
+            os.kill(proc.pid, signal.SIGSTOP)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert total // 3 <= _npz_count(feats) < total
+    assert not os.path.exists(os.path.join(info, "queries.pkl"))
+    with open(os.path.join(feats, "100000000.npz.tmp99999"), "wb") as f:
+        f.write(b"torn")  # what a kill during a write leaves
+    utils.preprocess(data, info=info, workers=1, progress=False)
+    clean, rerun = _tree(tiny_world.features), _tree(feats)
+    assert sorted(rerun) == sorted(clean)
+    assert all(rerun[n] == clean[n] for n in clean)
+    assert _tree(info) == _tree(tiny_world.info)
+
+
+def _torchrun(args, tmp_path, fault, restarts=0, timeout=300):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", KDDMM_FAULT=fault,
+               # a restarted gloo job reads its peers' stale addresses from the rendezvous
+               # store that torchrun shares with it (pytorch/pytorch#135712)
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--max-restarts=%d" % restarts, os.path.join(ROOT, "multilabel", "train.py")] + args
+    t0 = time.time()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                       cwd=str(tmp_path))
+    return r, time.time() - t0
+
+
+def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tiny_world, tmp_path):
+    """Rank 1 vanishes (os._exit) mid-epoch 1; torchrun --max-restarts=1 restarts both
+    ranks, which resume from last.pt by themselves and finish both epochs."""
+    out = str(tmp_path / "ml")
+    r, _ = _torchrun(_common(tiny_world, out) + ["--no-eval"], tmp_path, "1:1:2:exit",
+                     restarts=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, "fault_injected"))
+    assert "resumed from %s at epoch 1" % os.path.join(out, "last.pt") in r.stderr
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    assert [x["epoch"] for x in log] == [0, 1] and log[1]["rank_param_maxdiff"] == 0.0
+    assert utils.load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 1
+
+
+def test_a_raising_rank_stops_the_whole_job_quickly(tiny_world, tmp_path):
+    """Rank 1 raises while rank 0 waits in a collective: non-zero exit, the error in the
+    output, well within the bound (no hang)."""
+    r, seconds = _torchrun(_common(tiny_world, str(tmp_path / "ml")) + ["--no-eval"],
+                           tmp_path, "1:0:2:raise", timeout=120)
+    assert r.returncode != 0
+    assert "RuntimeError: injected fault on rank 1, epoch 0, step 2" in r.stderr
+    assert seconds < 120
+
+
+# --------------------------------------------------------------------------------------
+# Safety
+# --------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this would create a file: what a hostile checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_checkpoints_and_exports_are_plain_and_objects_are_refused(pre, m2, tmp_path):
+    for path in (os.path.join(pre, "last.pt"), os.path.join(pre, "encoder.pt"),
+                 os.path.join(m2, "last.pt"), os.path.join(m2, "best.pt")):
+        assert isinstance(torch.load(path, map_location="cpu", weights_only=True), dict)
+    hostile, marker = str(tmp_path / "hostile.pt"), str(tmp_path / "pwned")
+    torch.save({"model": {}, "x": _Payload(marker)}, hostile)
+    with pytest.raises(pickle.UnpicklingError):
+        utils.load_checkpoint(hostile)
+    with pytest.raises(pickle.UnpicklingError):
+        export_model.load_export(hostile)
+    assert not os.path.exists(marker)
+
+
+def _snapshot(folder):
+    return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns
+            for d, _, names in os.walk(folder) for n in names}
+
+
+def test_nothing_is_written_outside_the_given_folders(tmp_path, tiny_world, pre):
+    """Product ids that are paths ('../x', '/abs', '..\\y') are bad rows, never file names;
+    preprocessing writes only under features/ and info/, training only under --out."""
+    data = tmp_path / "root" / "data"
+    rows = [_row(100000001 + i) for i in range(4)]
+    rows += [_row(100000009).replace("100000009", bad, 1)
+             for bad in ["../x", "/tmp/kddmm_abs", "..\\y", "../../../x"]]
+    _write_tsv(str(data / "train" / "train.tsv"), rows)
+    before = _snapshot(str(tmp_path))
+    utils.preprocess(str(data), features=str(data / "features"), info=str(data / "info"),
+                     skip_bad=True, progress=False)
+    new = set(_snapshot(str(tmp_path))) - set(before)
+    assert new and all(p.startswith((str(data / "features") + os.sep,
+                                     str(data / "info") + os.sep)) for p in new), new
+    assert not os.path.exists("/tmp/kddmm_abs.npz")
+    before = _snapshot(tiny_world.root)
+    m2_train.main(_common(tiny_world, str(tmp_path / "m2"), epochs=1)
+                  + ["--export", os.path.join(pre, "encoder.pt"), "--no-eval"])
+    assert _snapshot(tiny_world.root) == before
