@@ -283,12 +283,15 @@ def check_compatible(ck, args, extra_state=None):
 
 @torch.no_grad()
 def encode_products(encode, cset, device, batch_size=256):
-    """Encode every product of a CandidateSet once: encode(boxes, feats, mask) -> (P, ...)."""
-    out = []
+    """Encode every product of a CandidateSet once: encode(boxes, feats, mask) -> (P, ...),
+    row k for ``cset.pids[k]``."""
+    out = None
     for b in cset.product_batches(batch_size):
-        out.append(encode(b["boxes"].to(device), b["feats"].to(device),
-                          b["mask"].to(device)).float())
-    return torch.cat(out)
+        y = encode(b["boxes"].to(device), b["feats"].to(device), b["mask"].to(device)).float()
+        if out is None:
+            out = y.new_empty((len(cset.pids),) + y.shape[1:])
+        out[b["index"].to(device)] = y
+    return out
 
 
 def split_paths(data, split):

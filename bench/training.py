@@ -94,15 +94,53 @@ def step(model, opt, batch):
     opt.step()
 
 
-def flops_per_sample(stage, a, export):
+def flops_per_sample(stage, a, export, batches=4):
+    """Mean over a few batches: padding, and so the work, varies with the longest product."""
     from torch.utils.flop_counter import FlopCounterMode
     model, opt, loader = build(stage, a, export)
     model.train()
-    batch = next(iter(loader))
-    step(model, opt, batch)
-    with FlopCounterMode(display=False) as fc:
-        step(model, opt, batch)
-    return fc.get_total_flops() / len(batch["p_feats"])
+    it = iter(loader)
+    step(model, opt, next(it))
+    flops, n = 0, 0
+    for _ in range(batches):
+        batch = next(it)
+        with FlopCounterMode(display=False) as fc:
+            step(model, opt, batch)
+        flops, n = flops + fc.get_total_flops(), n + len(batch["p_feats"])
+    return flops / n
+
+
+def ab_score_pairs(a, export, steps=5, repeats=3):
+    """model1 ms/step, same batches, same process: the sampled negatives scored through the
+    full score matrix and its diagonal (before), and through score_pairs (now)."""
+    from model1.model import WordImageMatcher, pairwise_loss
+    model, opt, loader = build("model1", a, export)
+    model.train()
+    it = iter(loader)
+    batches = [next(it) for _ in range(steps + 1)]
+    now = WordImageMatcher.forward
+
+    def before(self, q_tokens, qi, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats,
+               n_mask, **_):
+        heads, n_heads = self.encode_image(p_boxes, p_feats, p_mask), \
+            self.encode_image(n_boxes, n_feats, n_mask)
+        text, n_text = self.encode_text(q_tokens), self.encode_text(nq_tokens)
+        S = self.score_matrix(text, heads)
+        return pairwise_loss(S, self.score_matrix(text, n_heads).diagonal(),
+                             self.score_matrix(n_text, heads).diagonal(), qi, self.margin), {}
+    res = {"before": [], "now": []}
+    try:
+        for _ in range(repeats):
+            for name, fwd in (("before", before), ("now", now)):
+                WordImageMatcher.forward = fwd
+                step(model, opt, batches[0])
+                t0 = time.perf_counter()
+                for b in batches[1:]:
+                    step(model, opt, b)
+                res[name].append((time.perf_counter() - t0) / steps * 1e3)
+    finally:
+        WordImageMatcher.forward = now
+    return res
 
 
 def matmul_gflops(threads, n=2048, reps=5):
@@ -146,9 +184,22 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables too")
+    p.add_argument("--ab", action="store_true",
+                   help="model1 ms/step before/after score_pairs, in this process, 1 thread")
     a = p.parse_args(argv)
     os.makedirs(a.scratch, exist_ok=True)
     export = os.path.join(a.scratch, "encoder_%s.pt" % a.preset)
+    if a.ab:
+        torch.set_num_threads(1)
+        res = ab_score_pairs(a, export)
+        report([("model1 step, sampled negatives via score_matrix().diagonal() (before)",
+                 res["before"], "ms"), ("model1 step, via score_pairs (now)", res["now"], "ms"),
+                ("before / now", [x / y for x, y in zip(res["before"], res["now"])], "x")],
+               "model1 training step A/B, preset %s, 1 thread" % a.preset,
+               "python bench/training.py --data %s --info %s --packed %s --scratch %s --preset "
+               "%s --ab  (needs SCRATCH/encoder_%s.pt from a full run)"
+               % (a.data, a.info, a.packed, a.scratch, a.preset, a.preset))
+        return
     res = {}
     for stage in a.stages:
         for r in range(a.repeats):

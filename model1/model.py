@@ -66,12 +66,26 @@ class WordImageMatcher(nn.Module):
         """text from encode_text for Q queries, heads (P, 5, E) -> scores (Q, P)."""
         e, g, m = text
         s = torch.einsum("qle,phe->qlph", e, heads[:, 1:]).max(-1).values       # (Q, L, P)
-        if self.uniform_weights:
-            w = m[..., None].float().expand_as(s)
-        else:
-            a = self.w_text(g)[:, :, None] + self.w_image(heads[:, 0])[None, None]  # (Q,L,P,K)
-            w = self.w_out(a).squeeze(-1).float()
-        w = w.masked_fill(~m[..., None], float("-inf"))
+        a = None if self.uniform_weights else \
+            self.w_text(g)[:, :, None] + self.w_image(heads[:, 0])[None, None]  # (Q, L, P, K)
+        return self._weighted_sum(s, a, m[..., None])
+
+    def score_pairs(self, text, heads):
+        """text for N queries, heads (N, 5, E) -> (N,) scores of the pairs (query i, product i).
+
+        Equals ``score_matrix(text, heads).diagonal()`` without the N x N work around it.
+        """
+        e, g, m = text
+        s = torch.einsum("nle,nhe->nlh", e, heads[:, 1:]).max(-1).values        # (N, L)
+        a = None if self.uniform_weights else \
+            self.w_text(g) + self.w_image(heads[:, 0])[:, None]                 # (N, L, K)
+        return self._weighted_sum(s, a, m)
+
+    def _weighted_sum(self, s, a, m):
+        """Word scores s (Q, L, ...) summed with softmax-over-words weights w_out(a) (uniform
+        when a is None); m broadcasts to s and is False on padding."""
+        w = m.float().expand_as(s) if a is None else self.w_out(a).squeeze(-1).float()
+        w = w.masked_fill(~m, float("-inf"))
         w = torch.softmax(w, dim=1).nan_to_num(0.0)                # empty query -> all zero
         return (w * s.float()).sum(1)
 
@@ -91,8 +105,8 @@ class WordImageMatcher(nn.Module):
         n_heads = self.encode_image(n_boxes, n_feats, n_mask)
         text, n_text = self.encode_text(q_tokens), self.encode_text(nq_tokens)
         S = self.score_matrix(text, heads)                                 # (B, B)
-        s_np = self.score_matrix(text, n_heads).diagonal()                 # (q, negative p)
-        s_nq = self.score_matrix(n_text, heads).diagonal()                 # (negative q, p)
+        s_np = self.score_pairs(text, n_heads)                             # (q, negative p)
+        s_nq = self.score_pairs(n_text, heads)                             # (negative q, p)
         loss = pairwise_loss(S, s_np, s_nq, qi, self.margin)
         return loss, {"pos": S.diagonal().mean().detach()}
 
