@@ -51,13 +51,14 @@ def median(xs):
 class TreeMemory:
     """Samples the summed RSS of a process and all its descendants every ``interval`` s.
 
-    RSS counts shared pages once per process (an upper bound); the peak is what a job
-    needs from the machine while it runs.
+    ``peak``: RSS, counting shared pages once per process and every page of a mapped file
+    that was touched (page cache the kernel can drop). ``peak_anon``: RSS minus file-backed
+    and shared pages -- the memory a job really holds (a memory-mapped store is not in it).
     """
 
     def __init__(self, pid, interval=0.05):
         import psutil
-        self.proc, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self.proc, self.interval, self.peak, self.peak_anon = psutil.Process(pid), interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -67,13 +68,14 @@ class TreeMemory:
         while not self._stop.is_set():
             try:
                 procs = [self.proc] + self.proc.children(recursive=True)
-                total = 0
+                total = anon = 0
                 for p in procs:
                     try:
-                        total += p.memory_info().rss
+                        m = p.memory_info()
+                        total, anon = total + m.rss, anon + m.rss - m.shared
                     except psutil.Error:
                         pass
-                self.peak = max(self.peak, total)
+                self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
             except psutil.Error:
                 return
             self._stop.wait(self.interval)
@@ -91,7 +93,8 @@ def children_cpu():
 
 
 def run_timed(cmd, env=None, cwd=ROOT, quiet=True):
-    """Run ``cmd`` (a list) -> {"wall_s", "cpu_s", "peak_tree_mb", "stdout"}; raises on failure.
+    """Run ``cmd`` (a list) -> {"wall_s", "cpu_s", "peak_tree_mb", "peak_anon_mb", "stdout"};
+    raises on failure.
 
     cpu_s: user + system seconds of the command and every process it waited for.
     """
@@ -107,7 +110,7 @@ def run_timed(cmd, env=None, cwd=ROOT, quiet=True):
     if not quiet:
         print(out)
     return {"wall_s": wall, "cpu_s": children_cpu() - c0, "peak_tree_mb": peak / 2**20,
-            "stdout": out}
+            "peak_anon_mb": mem.peak_anon / 2**20, "stdout": out}
 
 
 def rate(n, seconds):
