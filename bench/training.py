@@ -4,6 +4,7 @@
         --scratch /tmp/kddmm_bench_training [--preset small] [--steps 30] [--repeats 3]
     python bench/training.py ... --preset paper --steps 3 --repeats 1 --configs 1p2t
     python bench/training.py ... --profile      # torch.profiler: top ops of each stage
+    python bench/training.py ... --ab           # model1 step before/after score_pairs
 
 Each stage's own train.py runs as a subprocess for ``--steps`` steps of one epoch
 (``--steps-per-epoch``, ``--no-eval``) and its log.jsonl gives samples/s (the epoch's
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 import engine  # noqa: E402
 import matching  # noqa: E402
 import utils  # noqa: E402
-from common import ROOT, load, report, run_timed  # noqa: E402
+from common import load, report, run_timed  # noqa: E402
 
 STAGES = ("multilabel", "model1", "model2")
 CONFIGS = {"1p2t": (1, 2, "packed"), "1p1t": (1, 1, "packed"), "2p1t": (2, 1, "packed"),
@@ -234,7 +235,7 @@ def main(argv=None):
               " ".join(a.stages)))
     print(load())
     if a.profile:
-        torch.set_num_threads(2)
+        torch.set_num_threads(1)  # one thread: what a shared machine cannot distort
         for stage in a.stages:
             profile(stage, a, export)
 
