@@ -20,7 +20,9 @@ import os
 import pickle
 import random
 import re
+import struct
 import sys
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -56,21 +58,32 @@ def _decode(field, dtype, shape, name):
     return np.frombuffer(raw, dtype).reshape(shape)
 
 
+def _ascii(v):
+    return v.decode("ascii", "replace") if isinstance(v, bytes) else v
+
+
 def parse_row(line, with_arrays=True):
-    """One TSV line (without its newline) -> dict; raises ValueError with the reason."""
-    cols = line.split("\t")
+    """One TSV line (str or bytes, without its newline) -> dict; raises ValueError with the
+    reason. Given bytes, only the query column is decoded to text (the fast path)."""
+    raw = isinstance(line, (bytes, bytearray))
+    cols = line.split(b"\t" if raw else "\t")
     if len(cols) != len(COLUMNS):
         raise ValueError("expected %d tab-separated columns, found %d" % (len(COLUMNS), len(cols)))
     pid, h, w, n, boxes, feats, labels, query, qid = cols
     for name, v in (("product_id", pid), ("image_h", h), ("image_w", w), ("num_boxes", n),
                     ("query_id", qid)):
         if not v.isdigit() or not v.isascii():
-            raise ValueError("%s must be a non-negative integer, got %r" % (name, v[:40]))
+            raise ValueError("%s must be a non-negative integer, got %r" % (name, _ascii(v[:40])))
     n, h, w = int(n), int(h), int(w)
     if n < 1:
         raise ValueError("num_boxes must be >= 1, got %d" % n)
     if h < 1 or w < 1:
         raise ValueError("image size must be positive, got %dx%d" % (h, w))
+    if raw:
+        try:
+            query = query.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError("query is not UTF-8 (%s)" % e.reason) from None
     if not query.strip():
         raise ValueError("empty query")
     row = {"product_id": int(pid), "image_h": h, "image_w": w, "num_boxes": n,
@@ -91,8 +104,12 @@ def parse_row(line, with_arrays=True):
     return row
 
 
-def iter_lines(path, start=0, end=None):
-    """Yield (byte offset, text) of the data lines whose first byte lies in [start, end)."""
+def iter_lines(path, start=0, end=None, raw=False):
+    """Yield (byte offset, text) of the data lines whose first byte lies in [start, end).
+
+    text is None for a truncated last line, a ValueError for a line that is not UTF-8, and
+    with ``raw`` the line's bytes (not decoded: ``parse_row`` decodes only the query).
+    """
     with open(path, "rb") as f:
         if start == 0:
             header = f.readline().rstrip(b"\r\n").decode("utf-8", "replace").split("\t")
@@ -103,18 +120,20 @@ def iter_lines(path, start=0, end=None):
             f.readline()  # finish the line that straddles the boundary
         pos = f.tell()
         while end is None or pos < end:
-            raw = f.readline()
-            if not raw:
+            line = f.readline()
+            if not line:
                 return
-            if not raw.endswith(b"\n"):
+            if not line.endswith(b"\n"):
                 yield pos, None  # truncated last line
                 return
-            try:
-                text = raw.rstrip(b"\r\n").decode("utf-8")
-            except UnicodeDecodeError as e:
-                text = ValueError("not UTF-8 (%s)" % e.reason)
+            text = line.rstrip(b"\r\n")
+            if not raw:
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    text = ValueError("not UTF-8 (%s)" % e.reason)
             yield pos, text
-            pos += len(raw)
+            pos += len(line)
 
 
 def line_number(path, offset):
@@ -190,12 +209,49 @@ def normalize_boxes(boxes, h, w):
     return np.concatenate([b, area[:, None]], 1).astype(np.float32)
 
 
+def _npy_bytes(a):
+    """The .npy (format 1.0) header of a C-contiguous array, as ``np.save`` writes it."""
+    d = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
+        np.lib.format.dtype_to_descr(a.dtype), a.shape)
+    d += " " * ((-(10 + len(d) + 1)) % 64) + "\n"   # the data starts 64-byte aligned
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(d)) + d.encode("latin1")
+
+
+def npz_parts(arrays):
+    """{name: array} -> the byte strings of an uncompressed .npz (a stored zip of .npy
+    members), without copying the arrays; what ``np.savez`` writes, minus zipfile's
+    per-member bookkeeping (~40 us a row on the preprocessing path)."""
+    parts, central, offset = [], [], 0
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        body = memoryview(a).cast("B") if a.size else b""
+        head = _npy_bytes(a)
+        crc = zlib.crc32(body, zlib.crc32(head))
+        size = len(head) + len(body)
+        fname = (name + ".npy").encode()
+        # local header: version 2.0, no flags, stored, DOS date 1980-01-01 00:00
+        parts += [struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0x21, crc, size, size,
+                              len(fname), 0) + fname, head, body]
+        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0x21,
+                                   crc, size, size, len(fname), 0, 0, 0, 0, 0o600 << 16,
+                                   offset) + fname)
+        offset += 30 + len(fname) + size
+    cd = b"".join(central)
+    return parts + [cd, struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central),
+                                    len(cd), offset, 0)]
+
+
 def save_npz_atomic(path, compress=False, **arrays):
+    """np.savez(_compressed) to ``path`` through a temporary file and a rename."""
     tmp = path + ".tmp%d" % os.getpid()
-    buf = io.BytesIO()  # zipfile seeks back to patch each member: keep that off the disk
-    (np.savez_compressed if compress else np.savez)(buf, **arrays)
+    if compress:
+        buf = io.BytesIO()  # zipfile seeks back to patch each member: keep that off the disk
+        np.savez_compressed(buf, **arrays)
+        parts = [buf.getbuffer()]
+    else:
+        parts = npz_parts(arrays)
     with open(tmp, "wb") as f:
-        f.write(buf.getbuffer())
+        f.writelines(parts)
     os.replace(tmp, path)
 
 
@@ -411,13 +467,12 @@ def _preprocess_range(job):
     good rows, bad rows [(byte offset, reason)])."""
     path, start, end, features, compress, skip_bad = job
     ints, texts, bad = [], [], []
-    for off, text in iter_lines(path, start, end):
+    for off, text in iter_lines(path, start, end, raw=True):
         try:
             if text is None:
                 raise ValueError("truncated last line (no newline)")
-            if isinstance(text, Exception):
-                raise text
-            out = os.path.join(features, text.split("\t", 1)[0] + ".npz")
+            out = os.path.join(features, text.split(b"\t", 1)[0].decode("ascii", "replace")
+                               + ".npz")
             row = parse_row(text, with_arrays=not os.path.exists(out))
             if "features" in row:
                 _save_row(row, features, compress)
@@ -609,6 +664,60 @@ def pack(features, info, out=None, fp16=False, progress=True):
     return out
 
 
+class Ragged:
+    """A list of variable-length rows kept as one flat array plus offsets.
+
+    Row i is ``flat[offsets[i]:offsets[i + 1]]``: an int64 array view, or with ``pool`` the
+    list of ``pool[j]`` for its entries (word strings). Pickles as a few arrays instead of
+    one object per row (at 3 M rows, the pickle memo of 665 k lists and 665 k arrays alone
+    took 0.33 GB), and forked DataLoader workers share its pages. Indexing, ``len`` and
+    iteration behave like the list of rows it replaces.
+    """
+
+    def __init__(self, flat, offsets, pool=None):
+        self.flat, self.offsets = np.asarray(flat), np.asarray(offsets, np.int64)
+        self.pool = None if pool is None else list(pool)
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0 \
+                or self.offsets[-1] != len(self.flat) or (np.diff(self.offsets) < 0).any():
+            raise ValueError("Ragged: offsets must rise from 0 to len(flat)")
+
+    @classmethod
+    def from_rows(cls, rows, dtype=np.int64):
+        flat, off = _ragged(rows, dtype)
+        return cls(flat, off)
+
+    @classmethod
+    def from_words(cls, rows):
+        """[[str, ...], ...] -> Ragged over a pool of the distinct words (first-seen order)."""
+        index = {}
+        ids = [[index.setdefault(w, len(index)) for w in r] for r in rows]
+        flat, off = _ragged(ids, np.int32)
+        return cls(flat, off, list(index))
+
+    def lengths(self):
+        return np.diff(self.offsets)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError("Ragged index %d out of range (%d rows)" % (i, len(self)))
+        i = int(i) % len(self)
+        row = self.flat[self.offsets[i]:self.offsets[i + 1]]
+        return row if self.pool is None else [self.pool[j] for j in row]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def ragged_parts(rows, dtype=np.int64):
+    """A Ragged of ints or a list of int sequences -> (flat, offsets)."""
+    if isinstance(rows, Ragged) and rows.pool is None:
+        return rows.flat.astype(dtype, copy=False), rows.offsets
+    return _ragged(rows, dtype)
+
+
 def atomic_pickle(obj, path):
     with open(path + ".tmp", "wb") as f:
         pickle.dump(obj, f, protocol=4)
@@ -637,8 +746,10 @@ def build_info(df, info, kmeans_k=None, seed=0, min_count=1):
     pool = {}
     tokens = [[pool.setdefault(w, w) for w in tokenize(t)] for t in texts]
     code = np.searchsorted(qids, df.query_id.to_numpy(np.int64))
-    products = np.split(df.product_id.to_numpy(np.int64)[np.argsort(code, kind="stable")],
-                        np.cumsum(np.bincount(code, minlength=len(qids)))[:-1])
+    offsets = np.zeros(len(qids) + 1, np.int64)
+    np.cumsum(np.bincount(code, minlength=len(qids)), out=offsets[1:])
+    products = Ragged(df.product_id.to_numpy(np.int64)[np.argsort(code, kind="stable")],
+                      offsets)
     last = [ts[-1] if ts else "<empty>" for ts in tokens]
     groups = {}
     for i, w in enumerate(last):
@@ -650,7 +761,7 @@ def build_info(df, info, kmeans_k=None, seed=0, min_count=1):
     km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096)
     clusters = km.fit_predict(vec).astype(np.int64)
     vocab, counts = Vocab.build(tokens, min_count)
-    atomic_pickle({"query_id": qids, "text": list(texts), "tokens": tokens,
+    atomic_pickle({"query_id": qids, "text": list(texts), "tokens": Ragged.from_words(tokens),
                    "products": products, "last_word": np.array(last, dtype=object),
                    "groups": {w: np.asarray(v, np.int64) for w, v in groups.items()},
                    "cluster": clusters}, os.path.join(info, "queries.pkl"))
@@ -805,12 +916,14 @@ class NegativeSampler:
         if Q < 2:
             raise ValueError("negative sampling needs at least 2 queries, got %d" % Q)
         self.p_last, self.fallback = float(p_last), fallback
-        products = queries["products"]
-        self.prod_flat, self.prod_off = _ragged(products)
+        self.prod_flat, self.prod_off = ragged_parts(queries["products"])
+        ok = np.diff(self.prod_off) > 0
         tokens = queries.get("tokens")
-        self.allowed = np.flatnonzero([len(products[i]) > 0
-                                       and (tokens is None or len(tokens[i]) > 0)
-                                       for i in range(Q)])
+        if isinstance(tokens, Ragged):
+            ok &= tokens.lengths() > 0
+        elif tokens is not None:
+            ok &= np.array([len(t) > 0 for t in tokens], bool)
+        self.allowed = np.flatnonzero(ok)
         everyone = np.arange(Q)
         self.last_id, self.last_flat, self.last_off = _groups(
             np.asarray(queries["last_word"], dtype=object).astype(str), self.allowed)
@@ -878,13 +991,24 @@ class PairDataset:
     """
 
     def __init__(self, queries, vocab, store, sampler=None, seed=0, max_words=None):
-        ids = [vocab.encode(t)[:max_words] if max_words else vocab.encode(t)
-               for t in queries["tokens"]]
+        tokens = queries["tokens"]
+        if isinstance(tokens, Ragged) and tokens.pool is not None:
+            # encode the distinct words once, then every row by indexing
+            wid = np.asarray(vocab.encode(tokens.pool) if tokens.pool else [], np.int32)
+            ids = [wid[tokens.flat[a:b]].tolist()
+                   for a, b in zip(tokens.offsets[:-1], tokens.offsets[1:])]
+        else:
+            ids = [vocab.encode(t) for t in tokens]
+        if max_words:
+            ids = [t[:max_words] for t in ids]
         self.tok_flat, self.tok_off = _ragged(ids, np.int32)
-        keep = [i for i, t in enumerate(ids) if t]
-        prods = [np.asarray(queries["products"][i], np.int64) for i in keep]
-        self.pair_query = np.repeat(np.asarray(keep, np.int64), [len(p) for p in prods])
-        self.pair_product = np.concatenate(prods) if prods else np.zeros(0, np.int64)
+        keep = np.flatnonzero(np.diff(self.tok_off) > 0)
+        prod_flat, prod_off = ragged_parts(queries["products"])
+        counts = np.diff(prod_off)[keep]
+        self.pair_query = np.repeat(keep.astype(np.int64), counts)
+        starts = np.repeat(prod_off[keep], counts)
+        within = np.arange(len(starts)) - np.repeat(np.cumsum(counts) - counts, counts)
+        self.pair_product = prod_flat[starts + within].astype(np.int64)
         skipped = len(ids) - len(keep)
         if skipped:
             log.warning("PairDataset: skipped %d of %d queries with no token left after "

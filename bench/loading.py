@@ -76,7 +76,7 @@ def main(argv=None):
     queries, vocab = utils.load_info(a.info)
     sampler = utils.NegativeSampler(queries, 0.8, "cluster")
     stores = dict(s.split("=", 1) for s in a.store)
-    pids = np.concatenate(queries["products"])
+    pids = utils.ragged_parts(queries["products"])[0]
     res = {(s, w): [] for s in stores for w in a.workers}
     cpu0 = {s: [] for s in stores}
     gets = {s: [] for s in stores}

@@ -7,12 +7,14 @@ backward states, averaged, go through a Linear layer to one logit per (query, pr
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 class SentenceImageMatcher(nn.Module):
-    def __init__(self, encoder, word_emb):
+    def __init__(self, encoder, word_emb, input_norm=True, readout="last"):
         super().__init__()
+        if readout not in ("last", "mean"):
+            raise ValueError("readout must be 'last' or 'mean', got %r" % (readout,))
         self.encoder = encoder
         for p in encoder.trunk.parameters():
             p.requires_grad = False
@@ -21,6 +23,10 @@ class SentenceImageMatcher(nn.Module):
         # the sentence head is unnormalised (|x| ~ 2.4 on average, up to ~16 on the small world):
         # bring it to the scale of a GRU state, or the gates saturate
         self.h0_norm = nn.LayerNorm(d)
+        # pretrained word embeddings are small (std ~0.1 per dimension on the small world):
+        # unnormalised, the words barely move the gates next to h0 (model1 normalises too)
+        self.in_norm = nn.LayerNorm(d) if input_norm else nn.Identity()
+        self.readout = readout
         self.gru = nn.GRU(d, d, num_layers=2, batch_first=True, bidirectional=True)
         self.out = nn.Linear(d, 1)
 
@@ -42,10 +48,15 @@ class SentenceImageMatcher(nn.Module):
         tokens[lengths == 0, 0] = 1
         lengths = lengths.clamp(min=1)
         h0 = self.h0_norm(image)[None].expand(4, -1, -1).contiguous()  # (layers*dirs, N, E)
-        packed = pack_padded_sequence(self.emb(tokens), lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        _, h = self.gru(packed, h0.to(self.emb.weight.dtype))
-        return self.out((h[-2] + h[-1]) / 2).squeeze(-1)
+        packed = pack_padded_sequence(self.in_norm(self.emb(tokens)), lengths.cpu(),
+                                      batch_first=True, enforce_sorted=False)
+        out, h = self.gru(packed, h0.to(self.emb.weight.dtype))
+        if self.readout == "last":   # final states of the last layer, both directions
+            z = (h[-2] + h[-1]) / 2
+        else:                        # last layer's outputs, both directions, mean over words
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+            z = out.view(*tokens.shape, 2, -1).mean(2).sum(1) / lengths[:, None].to(out.dtype)
+        return self.out(z).squeeze(-1)
 
     def score(self, tokens, image, pairs):
         """tokens (Q, L), image (P, E), pairs (N, 2) of (query, product) indices -> (N,)."""

@@ -29,11 +29,20 @@ PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; t
 
 
 def parse_args(argv=None):
-    return matching.train_parser(__doc__.split("\n")[0], PRESETS).parse_args(argv)
+    p = matching.train_parser(__doc__.split("\n")[0], PRESETS)
+    g = p.add_argument_group("model2")
+    g.add_argument("--no-input-norm", dest="input_norm", action="store_false",
+                   help="feed the word embeddings to the GRU without LayerNorm")
+    g.add_argument("--readout", choices=["last", "mean"], default="last",
+                   help="last: final states of the last layer; mean: its outputs averaged "
+                        "over the words (both directions averaged either way)")
+    return p.parse_args(argv)
 
 
 def build_model(encoder, word_emb, args):
-    return SentenceImageMatcher(encoder, word_emb)
+    # checkpoints written before these options existed had neither
+    return SentenceImageMatcher(encoder, word_emb, getattr(args, "input_norm", False),
+                                getattr(args, "readout", "last"))
 
 
 def main(argv=None):

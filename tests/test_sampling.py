@@ -3,6 +3,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ def world(tiny_world):
 def shared_queries(queries):
     """tiny_world's queries made harder: chained product sharing and a duplicated text."""
     q = copy.deepcopy(queries)
+    q["products"] = list(q["products"])  # a plain list of arrays: the other accepted form
     for members in q["groups"].values():
         for a, b in zip(members[:-1], members[1:]):  # b also matches a's first product
             q["products"][b] = np.append(q["products"][b], q["products"][a][0])
@@ -177,11 +179,15 @@ def test_same_batches_with_or_without_workers(world):
         assert all(torch.equal(u, v) for u, v in zip(x, y))
 
 
-def test_empty_queries_are_skipped(world, caplog):
+@pytest.mark.parametrize("form", ["ragged", "list"])
+def test_empty_queries_are_skipped(world, caplog, form):
     queries, vocab, store = world
     q = copy.deepcopy(queries)
-    q["tokens"][0] = []
-    q["tokens"][5] = []
+    rows = list(q["tokens"])
+    rows[0] = rows[5] = []
+    q["tokens"] = utils.Ragged.from_words(rows) if form == "ragged" else rows
+    if form == "list":
+        q["products"] = list(q["products"])
     sampler = utils.NegativeSampler(q)
     with caplog.at_level(logging.WARNING, logger="kddmm"):
         ds = utils.PairDataset(q, vocab, store, sampler)
@@ -302,3 +308,27 @@ def test_write_predictions_rejects_bad_scores(tmp_path, bad, msg):
     assert utils.load_predictions(path) == {1: [(5, 1.0)]}  # the old file is intact
     with pytest.raises(DataError, match="twice"):
         utils.write_predictions({1: [(5, 1.0), (5, 2.0)]}, path)
+
+
+def test_ragged_round_trip_and_pickle():
+    rows = [np.array([3, 1]), np.array([], np.int64), np.array([7])]
+    r = utils.Ragged.from_rows(rows)
+    assert len(r) == 3 and [x.tolist() for x in r] == [[3, 1], [], [7]]
+    assert r[-1].tolist() == [7] and r.lengths().tolist() == [2, 0, 1]
+    words = utils.Ragged.from_words([["red", "dress"], [], ["red"]])
+    back = pickle.loads(pickle.dumps(words))
+    assert list(back) == [["red", "dress"], [], ["red"]] and back.pool == ["red", "dress"]
+    with pytest.raises(IndexError):
+        r[3]
+    with pytest.raises(ValueError, match="offsets"):
+        utils.Ragged(np.arange(3), [0, 2, 1, 3])
+
+
+def test_dataset_same_from_ragged_and_lists(world):
+    queries, vocab, store = world
+    as_lists = dict(queries, tokens=list(queries["tokens"]), products=list(queries["products"]))
+    a, b = utils.PairDataset(queries, vocab, store), utils.PairDataset(as_lists, vocab, store)
+    for name in ("pair_query", "pair_product", "tok_flat", "tok_off"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    sa, sb = utils.NegativeSampler(queries), utils.NegativeSampler(as_lists)
+    assert np.array_equal(sa.allowed, sb.allowed) and np.array_equal(sa.prod_flat, sb.prod_flat)
