@@ -5,14 +5,21 @@
 #   PRESET    model preset of every stage: small (CPU, default), paper (published sizes), tiny
 #   NPROC     processes per training stage (torchrun when > 1; default 1)
 #   EPOCHS    override every stage's epoch count
-#   WORKERS   DataLoader workers per process (default 1)
+#   STORE     packed (default: `utils.py pack` after preprocessing, one memory-mapped file)
+#             or npz (read the per-product .npz files of preprocessing directly)
+#   WORKERS   DataLoader workers per process (default 0 with the packed store, 1 with npz)
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA_DIR=${DATA_DIR:-data/small}
 OUT_DIR=${OUT_DIR:-runs}
 PRESET=${PRESET:-small}
 NPROC=${NPROC:-1}
-WORKERS=${WORKERS:-1}
+STORE=${STORE:-packed}
+case "$STORE" in
+  packed) WORKERS=${WORKERS:-0} ;;
+  npz) WORKERS=${WORKERS:-1} ;;
+  *) echo "run.sh: STORE must be packed or npz, got '$STORE'" >&2; exit 2 ;;
+esac
 PRED="$OUT_DIR/prediction_result"
 mkdir -p "$OUT_DIR" "$PRED"
 TIMES="$OUT_DIR/stage_times.tsv"
@@ -30,12 +37,19 @@ else
   TRAIN=(python)
 fi
 COMMON=(--data "$DATA_DIR" --info "$OUT_DIR/info" --preset "$PRESET" --workers "$WORKERS" --no-progress)
+if [ "$STORE" = packed ]; then
+  PACKED="$OUT_DIR/packed"
+  COMMON+=(--store packed --packed "$PACKED")
+fi
 [ -n "${EPOCHS:-}" ] && COMMON+=(--epochs "$EPOCHS")
 
 if [ ! -f "$DATA_DIR/train/train.tsv" ]; then
   stage synthetic python synthetic.py --preset small --out "$DATA_DIR"
 fi
 stage preprocess python utils.py preprocess --data "$DATA_DIR" --info "$OUT_DIR/info" --workers 2 --no-progress
+if [ "$STORE" = packed ]; then
+  stage pack python utils.py pack --features "$DATA_DIR/features" --info "$OUT_DIR/info" --out "$PACKED" --no-progress
+fi
 stage multilabel_train "${TRAIN[@]}" multilabel/train.py "${COMMON[@]}" --out "$OUT_DIR/multilabel"
 stage multilabel_export python multilabel/export_model.py --ckpt "$OUT_DIR/multilabel/best.pt" --out "$OUT_DIR/multilabel/encoder.pt"
 stage multilabel_validation python multilabel/validation.py --ckpt "$OUT_DIR/multilabel/best.pt" --data "$DATA_DIR" --captions 5

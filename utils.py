@@ -51,7 +51,7 @@ def _decode(field, dtype, shape, name):
         raw = base64.b64decode(field, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ValueError("column %s is not valid base64 (%s)" % (name, e)) from None
-    want = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    want = math.prod(shape) * np.dtype(dtype).itemsize
     if len(raw) != want:
         raise ValueError("column %s decodes to %d bytes, num_boxes implies %d"
                          % (name, len(raw), want))
@@ -94,11 +94,12 @@ def parse_row(line, with_arrays=True):
         c = _decode(labels, np.int64, (n,), "class_labels")
         if not np.isfinite(f).all() or not np.isfinite(b).all():
             raise ValueError("features or boxes contain NaN or infinity")
-        if ((c < 0) | (c >= N_CLASSES)).any():
+        if c.min() < 0 or c.max() >= N_CLASSES:
             raise ValueError("class label outside 0..%d" % (N_CLASSES - 1))
         tol = 1.0  # detectors emit boxes a pixel past the border
-        if ((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]) | (b[:, :2] < -tol).any(1)
-                | (b[:, 2] > h + tol) | (b[:, 3] > w + tol)).any():
+        top, left, bottom, right = b.T  # whole-column reductions: few numpy calls per row
+        if ((bottom < top).any() or (right < left).any() or b[:, :2].min() < -tol
+                or bottom.max() > h + tol or right.max() > w + tol):
             raise ValueError("box outside the %dx%d image or with bottom<top / right<left" % (h, w))
         row.update(boxes=b, features=f, class_labels=c)
     return row
@@ -499,7 +500,13 @@ def _scan(path, start, end, features, workers, compress, skip_bad, progress):
     bar = tqdm(total=len(jobs), desc="preprocess", unit="chunk", disable=not progress)
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
-            for m, b in pool.imap(_preprocess_range, jobs):
+            results = pool.imap(_preprocess_range, jobs)
+            # while the workers convert, this process would only wait: load what building
+            # info/ needs (pandas, scikit-learn: ~1.5 s of imports) in the meantime
+            import pandas  # noqa: F401
+            import sklearn.cluster  # noqa: F401
+            import sklearn.feature_extraction.text  # noqa: F401
+            for m, b in results:
                 meta.append(m)
                 bad += b
                 bar.update()
@@ -694,6 +701,10 @@ class Ragged:
         flat, off = _ragged(ids, np.int32)
         return cls(flat, off, list(index))
 
+    def state(self):
+        """Plain arrays and lists (what ``queries.pkl`` stores; ``Ragged(**state)`` is back)."""
+        return {"flat": self.flat, "offsets": self.offsets, "pool": self.pool}
+
     def lengths(self):
         return np.diff(self.offsets)
 
@@ -761,8 +772,11 @@ def build_info(df, info, kmeans_k=None, seed=0, min_count=1):
     km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096)
     clusters = km.fit_predict(vec).astype(np.int64)
     vocab, counts = Vocab.build(tokens, min_count)
-    atomic_pickle({"query_id": qids, "text": list(texts), "tokens": Ragged.from_words(tokens),
-                   "products": products, "last_word": np.array(last, dtype=object),
+    # Ragged rows are pickled as their plain state: the file needs no class of this project
+    # to load (and utils.py run as a script would otherwise pickle __main__.Ragged)
+    atomic_pickle({"query_id": qids, "text": list(texts),
+                   "tokens": Ragged.from_words(tokens).state(),
+                   "products": products.state(), "last_word": np.array(last, dtype=object),
                    "groups": {w: np.asarray(v, np.int64) for w, v in groups.items()},
                    "cluster": clusters}, os.path.join(info, "queries.pkl"))
     atomic_json({"itos": vocab.itos, "counts": {w: counts[w] for w in vocab.itos[4:]},
@@ -783,6 +797,9 @@ def load_info(info="info"):
                         % (path, info))
     with open(path, "rb") as f:
         queries = pickle.load(f)
+    for key in ("tokens", "products"):
+        if isinstance(queries.get(key), dict):
+            queries[key] = Ragged(**queries[key])
     with open(os.path.join(info, "vocab.json"), encoding="utf-8") as f:
         vocab = Vocab(json.load(f)["itos"])
     return queries, vocab

@@ -33,13 +33,25 @@ from common import (ROOT, TreeMemory, children_cpu, load, rate, report,  # noqa:
                     run_timed)
 
 
-def floor(tsv, out):
-    """Read, decode, np.save; prints the row count."""
+def floor(tsv, out, part=(0, 1)):
+    """Read, decode, np.save the rows starting in byte range ``part`` (i, n); prints the
+    row count."""
     os.makedirs(out, exist_ok=True)
     rows = 0
+    size = os.path.getsize(tsv)
+    start, end = size * part[0] // part[1], size * (part[0] + 1) // part[1]
     with open(tsv, "rb") as f:
-        f.readline()
-        for raw in f:
+        if start == 0:
+            f.readline()
+        else:
+            f.seek(start - 1)
+            f.readline()
+        pos = f.tell()
+        while pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            pos += len(raw)
             c = raw.split(b"\t")
             n = int(c[3])
             with open(os.path.join(out, c[0].decode() + ".npy"), "wb") as g:
@@ -48,6 +60,20 @@ def floor(tsv, out):
                 np.save(g, np.frombuffer(base64.b64decode(c[6]), np.int64))
             rows += 1
     print(json.dumps({"rows": rows}))
+
+
+def floor_pair(data, scratch):
+    """Two floor processes on the two halves of the file, side by side: how far this machine
+    lets two processes of the bare loop scale -> (wall s, CPU s, peak tree MB)."""
+    c0, t0 = children_cpu(), time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "floor", "--data",
+                               data, "--scratch", scratch, "--part", "%d/2" % i],
+                              stdout=subprocess.DEVNULL) for i in range(2)]
+    mems = [TreeMemory(p.pid) for p in procs]
+    if any(p.wait() for p in procs):
+        raise RuntimeError("a floor process failed")
+    peak = sum(m.stop() for m in mems) / 2**20
+    return time.perf_counter() - t0, children_cpu() - c0, peak
 
 
 def shards_then_merge(data, features, info):
@@ -85,7 +111,7 @@ def breakdown(tsv, n=1500):
         f.readline()
         lines = [f.readline() for _ in range(n)]
     lines = [x for x in lines if x]
-    rows = [utils.parse_row(x.rstrip(b"\n").decode()) for x in lines]
+    rows = [utils.parse_row(x.rstrip(b"\n")) for x in lines]
 
     def floor_decode():
         for x in lines:
@@ -101,12 +127,21 @@ def breakdown(tsv, n=1500):
         for r in rows:
             np.savez(io.BytesIO(), features=r["features"], boxes=r["boxes"],
                      class_labels=r["class_labels"], image_hw=np.array([1, 1]))
+
+    def npz_direct():
+        for r in rows:
+            b"".join(utils.npz_parts(dict(features=r["features"], boxes=r["boxes"],
+                                          class_labels=r["class_labels"],
+                                          image_hw=np.array([1, 1]))))
     steps = [("utf-8 decode + split of the line", lambda: [x.decode().split("\t") for x in lines]),
-             ("parse_row (decode + every check)",
+             ("parse_row of the text line (every check)",
               lambda: [utils.parse_row(x.rstrip(b"\n").decode()) for x in lines]),
+             ("parse_row of the bytes (what preprocess runs)",
+              lambda: [utils.parse_row(x.rstrip(b"\n")) for x in lines]),
              ("floor: base64 decode only", floor_decode),
              ("floor: np.save x3 (in memory)", floor_save),
-             ("np.savez (in memory)", npz)]
+             ("np.savez (in memory)", npz),
+             ("utils.npz_parts, joined (what preprocess runs)", npz_direct)]
     out = []
     for name, fn in steps:
         best = float("inf")
@@ -126,12 +161,13 @@ def main(argv=None):
                    help="emptied before every run; keep it off the repository")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shards", action="store_true", help="also 2 shards side by side + merge")
+    p.add_argument("--part", default="0/1", help="floor only: byte range I/N of the file")
     a = p.parse_args(argv)
     tsv = os.path.join(a.data, "train", "train.tsv")
     if a.cmd == "floor":
-        return floor(tsv, a.scratch)
+        return floor(tsv, a.scratch, tuple(int(x) for x in a.part.split("/")))
     mb = os.path.getsize(tsv) / 1e6
-    configs = ["floor", "workers1", "workers2"] + (["shards2"] if a.shards else [])
+    configs = ["floor", "floor2", "workers1", "workers2"] + (["shards2"] if a.shards else [])
     res = {c: {"s": [], "cpu": [], "mem": []} for c in configs}
     probe = []
     rows = None
@@ -150,6 +186,8 @@ def main(argv=None):
                                  "--data", a.data, "--scratch", feats])
                 rows = json.loads(out["stdout"].strip().splitlines()[-1])["rows"]
                 wall, cpu, peak = out["wall_s"], out["cpu_s"], out["peak_tree_mb"]
+            elif c == "floor2":
+                wall, cpu, peak = floor_pair(a.data, feats)
             elif c == "shards2":
                 wall, cpu, peak = shards_then_merge(a.data, feats, info)
             else:
@@ -173,6 +211,8 @@ def main(argv=None):
     table.append(("1 worker / floor (wall)", list(f / w1), "x"))
     table.append(("1 worker / floor (CPU time)", list(fc / w1c), "x"))
     table.append(("2 workers / 1 worker (wall)", list(w1 / w2), "x"))
+    table.append(("floor: 2 processes / 1 (wall; what this machine allows)",
+                  list(f / np.array(res["floor2"]["s"])), "x"))
     table.append(("2 workers per worker / floor (wall)", list(f / w2 / 2), "x"))
     table.append(("2 workers / 1 worker (CPU time, 1.0 = no overhead)", list(w1c / w2c), "x"))
     if a.shards:

@@ -21,8 +21,9 @@ from model2.model import SentenceImageMatcher  # noqa: E402
 PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; tiny: tests
     "paper": dict(batch_size=150, lr_text=1e-4, lr_image=5e-6, weight_decay=1e-6, gamma=0.95,
                   epochs=2),
+    # small: valid NDCG@5 still rises at 8 epochs (0.756 after 4, 0.804 after 8)
     "small": dict(batch_size=64, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
-                  epochs=4),
+                  epochs=8),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
                  epochs=2),
 }

@@ -229,6 +229,24 @@ def test_cli_preprocess_and_missing_file(tmp_path):
     assert r.returncode != 0 and "train.tsv: not found" in r.stderr
 
 
+def test_cli_preprocess_info_loads_anywhere(tiny_world, tmp_path):
+    """`python utils.py preprocess` (utils is __main__ there) writes an info/ that plain
+    pickle loads without this project, and that load_info reads as the in-process run's."""
+    info = str(tmp_path / "info")
+    subprocess.run([sys.executable, os.path.join(ROOT, "utils.py"), "preprocess", "--data",
+                    tiny_world.data, "--info", info, "--no-progress"], check=True,
+                   capture_output=True)
+    code = ("import pickle, sys; q = pickle.load(open(sys.argv[1], 'rb')); "
+            "print(len(q['products']['offsets']) - 1)")
+    r = subprocess.run([sys.executable, "-c", code, os.path.join(info, "queries.pkl")],
+                       cwd=str(tmp_path), capture_output=True, text=True, check=True)
+    a, _ = utils.load_info(info)
+    b, _ = utils.load_info(tiny_world.info)
+    assert int(r.stdout) == len(b["query_id"])
+    assert list(a["tokens"]) == list(b["tokens"])
+    assert [x.tolist() for x in a["products"]] == [x.tolist() for x in b["products"]]
+
+
 def test_store_reports_missing_and_corrupt(tmp_path):
     store = utils.ProductStore(str(tmp_path))
     with pytest.raises(DataError, match="missing"):

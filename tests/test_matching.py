@@ -78,9 +78,11 @@ def test_model1_trunk_frozen_and_loss_falls():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_model2_shapes_empty_query_and_loss_falls():
+@pytest.mark.parametrize("input_norm,readout", [(True, "last"), (True, "mean"),
+                                                (False, "last")])
+def test_model2_shapes_empty_query_and_loss_falls(input_norm, readout):
     enc, emb = _parts()
-    m = SentenceImageMatcher(enc, emb)
+    m = SentenceImageMatcher(enc, emb, input_norm=input_norm, readout=readout)
     assert not any(p.requires_grad for p in m.encoder.trunk.parameters())
     img = m.encode_image(*_regions(3))
     assert img.shape == (3, CFG["d_word"])
@@ -108,3 +110,8 @@ def test_model2_shapes_empty_query_and_loss_falls():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_model2_rejects_unknown_readout():
+    with pytest.raises(ValueError, match="readout"):
+        SentenceImageMatcher(*_parts(), readout="max")
