@@ -46,9 +46,18 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------
 # TSV rows
 # --------------------------------------------------------------------------------------
+if sys.version_info >= (3, 11):  # what b64decode(validate=True) runs, minus its copy of views
+    def _b64(field):
+        return binascii.a2b_base64(field, strict_mode=True)
+else:
+    def _b64(field):
+        return base64.b64decode(bytes(field) if isinstance(field, memoryview) else field,
+                                validate=True)
+
+
 def _decode(field, dtype, shape, name):
     try:
-        raw = base64.b64decode(field, validate=True)
+        raw = _b64(field)
     except (binascii.Error, ValueError) as e:
         raise ValueError("column %s is not valid base64 (%s)" % (name, e)) from None
     want = math.prod(shape) * np.dtype(dtype).itemsize
@@ -62,14 +71,29 @@ def _ascii(v):
     return v.decode("ascii", "replace") if isinstance(v, bytes) else v
 
 
+def _split_tabs(line):
+    """bytes -> memoryview slices between tabs: no copy of the 40 KB of base64 in a row
+    (``bytes.split`` copies it: 31 us of a row's ~100 us of parsing)."""
+    view, out, start = memoryview(line), [], 0
+    while True:
+        end = line.find(b"\t", start)
+        if end < 0:
+            out.append(view[start:])
+            return out
+        out.append(view[start:end])
+        start = end + 1
+
+
 def parse_row(line, with_arrays=True):
     """One TSV line (str or bytes, without its newline) -> dict; raises ValueError with the
     reason. Given bytes, only the query column is decoded to text (the fast path)."""
     raw = isinstance(line, (bytes, bytearray))
-    cols = line.split(b"\t" if raw else "\t")
+    cols = _split_tabs(line) if raw else line.split("\t")
     if len(cols) != len(COLUMNS):
         raise ValueError("expected %d tab-separated columns, found %d" % (len(COLUMNS), len(cols)))
     pid, h, w, n, boxes, feats, labels, query, qid = cols
+    if raw:  # the short columns as bytes; the base64 ones stay views into the line
+        pid, h, w, n, query, qid = map(bytes, (pid, h, w, n, query, qid))
     for name, v in (("product_id", pid), ("image_h", h), ("image_w", w), ("num_boxes", n),
                     ("query_id", qid)):
         if not v.isdigit() or not v.isascii():
