@@ -18,6 +18,29 @@ def _regions(b, n=3):
     return torch.rand(b, n, 5), torch.rand(b, n, CFG["feat_dim"]), torch.ones(b, n, dtype=torch.bool)
 
 
+def _batch():
+    """4 queries (one padded) with their products, negative products and negative queries."""
+    b = dict(q_tokens=torch.tensor([[4, 5], [6, 7], [8, 0], [9, 4]]), qi=torch.arange(4))
+    b.update(zip(["p_boxes", "p_feats", "p_mask"], _regions(4)))
+    b.update(zip(["n_boxes", "n_feats", "n_mask"], _regions(4)))
+    b["nq_tokens"] = b["q_tokens"].roll(1, 0)
+    return b
+
+
+def _fit_one_batch(m, steps=40):
+    """Adam on the trainable parameters over one fixed batch -> the loss of each step."""
+    b = _batch()
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss, _ = m(**b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_model1_score_shapes_and_masking():
     enc, emb = _parts()
     m = WordImageMatcher(enc, emb, hidden=8, weight_hidden=8).eval()
@@ -63,18 +86,7 @@ def test_model1_trunk_frozen_and_loss_falls():
     assert not any(p.requires_grad for p in m.encoder.trunk.parameters())
     assert all(p.requires_grad for p in m.encoder.out.parameters())
     assert not m.text.emb.weight.requires_grad
-    b = dict(q_tokens=torch.tensor([[4, 5], [6, 7], [8, 0], [9, 4]]), qi=torch.arange(4))
-    b.update(zip(["p_boxes", "p_feats", "p_mask"], _regions(4)))
-    b.update(zip(["n_boxes", "n_feats", "n_mask"], _regions(4)))
-    b["nq_tokens"] = b["q_tokens"].roll(1, 0)
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss, _ = m(**b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit_one_batch(m)
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -97,18 +109,7 @@ def test_model2_shapes_empty_query_and_loss_falls(input_norm, readout):
     assert torch.allclose(m.score(tokens, img, pairs),
                           m.logits(tokens[[0, 1]], img[[2, 0]]), atol=1e-6)
     m.train()
-    b = dict(q_tokens=torch.tensor([[4, 5], [6, 7], [8, 0], [9, 4]]))
-    b.update(zip(["p_boxes", "p_feats", "p_mask"], _regions(4)))
-    b.update(zip(["n_boxes", "n_feats", "n_mask"], _regions(4)))
-    b["nq_tokens"] = b["q_tokens"].roll(1, 0)
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss, _ = m(**b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _fit_one_batch(m)
     assert losses[-1] < 0.5 * losses[0]
 
 
