@@ -116,6 +116,29 @@ def test_matching_resume_equals_uninterrupted(pretrained, tiny_world, tmp_path):
         assert torch.allclose(pa[k], pb[k], atol=1e-6), k
 
 
+def test_model2_checkpoint_from_before_input_norm_loads(pretrained, tiny_world, tmp_path):
+    """A model2 checkpoint written before --no-input-norm/--readout existed (no such args,
+    no in_norm weights) loads as the model it was: no input LayerNorm, final states."""
+    import matching
+    out = str(tmp_path / "m2")
+    export = os.path.join(pretrained, "encoder.pt")
+    m2_train.main(_common(tiny_world, out, epochs=1) + ["--export", export, "--no-eval",
+                                                        "--no-input-norm"])
+    ck = utils.load_checkpoint(os.path.join(out, "last.pt"))
+    assert not any(k.startswith("in_norm.") for k in ck["model"])
+    new, _, _ = matching.load_trained(m2_train, os.path.join(out, "last.pt"))
+    for k in ("input_norm", "readout"):
+        del ck["args"][k]
+    old_path = os.path.join(out, "old.pt")
+    utils.save_checkpoint(ck, old_path)
+    old, _, _ = matching.load_trained(m2_train, old_path)
+    assert isinstance(old.in_norm, torch.nn.Identity) and old.readout == "last"
+    tokens, image = torch.tensor([[4, 5, 6], [7, 0, 0]]), torch.randn(2, old.out.in_features)
+    old.eval(), new.eval()
+    with torch.no_grad():
+        assert torch.equal(old.logits(tokens, image), new.logits(tokens, image))
+
+
 def test_checkpoint_from_another_preset_is_refused(pretrained, tiny_world, tmp_path):
     out = str(tmp_path / "ml")
     ml_train.main(_common(tiny_world, out, epochs=1))
