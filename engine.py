@@ -144,7 +144,7 @@ def train_one_epoch(model, loader, opt, dist, args, amp_dtype, scaler, epoch):
             break
         if fault:
             inject_fault(dist, epoch, step, args.out)
-        batch = to_device(batch, dist.device)
+        batch = utils.unflatten(to_device(batch, dist.device))
         with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             loss, parts = model(**batch)
@@ -196,6 +196,10 @@ def fit(args, model, groups, gamma, dataset, collate, evaluate=None, metric="val
         if dist.enabled else model
     sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
                                  shuffle=True, seed=args.seed, drop_last=True)
+    if args.workers > 0 and collate is utils.collate_pairs:
+        # workers send the regions unpadded (4x fewer bytes through shared memory at 3.9
+        # boxes per product); they are padded where the batch arrives, on the GPU if any
+        collate = utils.collate_pairs_flat
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         collate_fn=collate, num_workers=args.workers,
                         pin_memory=dist.device.type == "cuda",

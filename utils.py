@@ -373,6 +373,30 @@ def pad_regions(items):
     return torch.from_numpy(boxes), torch.from_numpy(feats), torch.from_numpy(mask)
 
 
+def flat_regions(items):
+    """[(boxes (n_i, 5), features (n_i, D)), ...] -> boxes (R, 5), feats (R, D), lengths (B,):
+    every item's regions one after the other, R = sum n_i. What a DataLoader worker should
+    send: a padded batch is mostly zeros (3.9 boxes on average, padded to the most in the
+    batch), and every byte of it crosses shared memory."""
+    import torch
+    lengths = np.array([len(b) for b, _ in items], np.int64)
+    boxes = np.concatenate([b for b, _ in items]).astype(np.float32, copy=False)
+    feats = np.concatenate([f for _, f in items]).astype(np.float32, copy=False)
+    return torch.from_numpy(boxes), torch.from_numpy(feats), torch.from_numpy(lengths)
+
+
+def pad_flat_regions(boxes, feats, lengths):
+    """The inverse of ``flat_regions``, on the tensors' device -> exactly ``pad_regions``'s
+    boxes (B, N, 5), feats (B, N, D), mask (B, N)."""
+    import torch
+    n = int(lengths.max())
+    mask = torch.arange(n, device=lengths.device)[None] < lengths[:, None]
+    out_b = boxes.new_zeros(len(lengths), n, boxes.shape[1])
+    out_f = feats.new_zeros(len(lengths), n, feats.shape[1])
+    out_b[mask], out_f[mask] = boxes, feats       # row-major: item 0's regions first
+    return out_b, out_f, mask
+
+
 def pad_tokens(seqs, pad=PAD):
     """[[id, ...], ...] -> LongTensor (B, L) padded with ``pad``, lengths (B,)."""
     import torch
@@ -1083,29 +1107,51 @@ class PairDataset:
         return item
 
 
-def collate_pairs(batch):
+def collate_pairs(batch, flat=False):
     """PairDataset items -> dict of tensors (L: longest query, N/M: most boxes, PAD = 0).
 
     q_tokens (B, L) long, q_len (B,), qi (B,), pid (B,), p_boxes (B, N, 5), p_feats (B, N, D),
     p_mask (B, N) bool (True on real boxes); caption_in (B, L+1) = [BOS] + ids,
     caption_out (B, L+1) = ids + [EOS], caption_len (B,) = q_len + 1; with negatives also
     nq_tokens (B, L'), nq_len, nqi, npid, n_boxes (B, M, 5), n_feats (B, M, D), n_mask (B, M).
+
+    ``flat=True`` (for DataLoader workers) leaves the regions unpadded: p_boxes (R, 5),
+    p_feats (R, D) and p_lengths (B,) in place of p_mask (the same for n_); ``unflatten``
+    pads them where the batch arrives, giving exactly the padded batch.
     """
     import torch
+    regions = flat_regions if flat else pad_regions
     qs = [b["q"] for b in batch]
     out = {}
     out["q_tokens"], out["q_len"] = pad_tokens(qs)
     out["qi"] = torch.tensor([b["qi"] for b in batch], dtype=torch.long)
     out["pid"] = torch.tensor([b["pid"] for b in batch], dtype=torch.long)
-    out["p_boxes"], out["p_feats"], out["p_mask"] = pad_regions([b["p"] for b in batch])
+    out["p_boxes"], out["p_feats"], out["p_lengths" if flat else "p_mask"] = \
+        regions([b["p"] for b in batch])
     out["caption_in"], out["caption_len"] = pad_tokens([[BOS] + q for q in qs])
     out["caption_out"], _ = pad_tokens([q + [EOS] for q in qs])
     if "nq" in batch[0]:
         out["nq_tokens"], out["nq_len"] = pad_tokens([b["nq"] for b in batch])
         out["nqi"] = torch.tensor([b["nqi"] for b in batch], dtype=torch.long)
         out["npid"] = torch.tensor([b["npid"] for b in batch], dtype=torch.long)
-        out["n_boxes"], out["n_feats"], out["n_mask"] = pad_regions([b["np"] for b in batch])
+        out["n_boxes"], out["n_feats"], out["n_lengths" if flat else "n_mask"] = \
+            regions([b["np"] for b in batch])
     return out
+
+
+def collate_pairs_flat(batch):
+    """``collate_pairs(batch, flat=True)``, picklable for spawned DataLoader workers."""
+    return collate_pairs(batch, flat=True)
+
+
+def unflatten(batch):
+    """A ``collate_pairs(..., flat=True)`` batch (on any device) -> the padded batch."""
+    for side in ("p", "n"):
+        if side + "_lengths" in batch:
+            batch[side + "_boxes"], batch[side + "_feats"], batch[side + "_mask"] = \
+                pad_flat_regions(batch[side + "_boxes"], batch[side + "_feats"],
+                                 batch.pop(side + "_lengths"))
+    return batch
 
 
 class CandidateSet:

@@ -8,7 +8,9 @@ Prepare the stores with `utils.py preprocess` (with and without --compress) and
 `utils.py pack` (with and without --fp16). Each sample is what model1/model2 train on: a
 (query, product) pair plus a hard negative query and a negative product (PairDataset with
 a NegativeSampler), so it reads two products; collated by utils.collate_pairs into padded
-batches. Timed after 3 warm-up batches (worker start-up excluded: it is paid once an epoch);
+batches. With workers, also "flat": what engine.fit runs then, workers sending the regions
+unpadded (utils.collate_pairs_flat) and the main process padding them (utils.unflatten,
+timed too). Timed after 3 warm-up batches (worker start-up excluded: it is paid once an epoch);
 the page cache is warm (the small world fits in memory). Every repeat visits the stores in
 a rotated order. "per core" is products per CPU-second of the loading process itself with 0
 workers, which the other jobs on a shared machine disturb least.
@@ -33,17 +35,18 @@ def open_store(kind, folder):
     return utils.PackedStore(folder) if kind.startswith("packed") else utils.ProductStore(folder)
 
 
-def loader_rate(dataset, workers, batch_size, batches, seed=0):
+def loader_rate(dataset, workers, batch_size, batches, seed=0, flat=False):
     """-> (samples/s, samples per CPU-second of this process) over ``batches`` timed batches."""
     g = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=g),
-                        collate_fn=utils.collate_pairs, num_workers=workers, drop_last=True)
+                        collate_fn=utils.collate_pairs_flat if flat else utils.collate_pairs,
+                        num_workers=workers, drop_last=True)
     it = iter(loader)
     for _ in range(3):
         next(it)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(batches):
-        next(it)
+        utils.unflatten(next(it))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     del it
     n = batches * batch_size
@@ -77,7 +80,8 @@ def main(argv=None):
     sampler = utils.NegativeSampler(queries, 0.8, "cluster")
     stores = dict(s.split("=", 1) for s in a.store)
     pids = utils.ragged_parts(queries["products"])[0]
-    res = {(s, w): [] for s in stores for w in a.workers}
+    modes = [(w, False) for w in a.workers] + [(w, True) for w in a.workers if w > 0]
+    res = {(s, m): [] for s in stores for m in modes}
     cpu0 = {s: [] for s in stores}
     gets = {s: [] for s in stores}
     names = list(stores)
@@ -87,18 +91,17 @@ def main(argv=None):
             store = open_store(s, stores[s])
             gets[s].append(get_rate(store, pids))
             ds = utils.PairDataset(queries, vocab, store, sampler, seed=0)
-            for w in a.workers:
-                wall, cpu = loader_rate(ds, w, a.batch_size, a.batches, seed=r)
-                res[(s, w)].append(wall)
+            for w, flat in modes:
+                wall, cpu = loader_rate(ds, w, a.batch_size, a.batches, seed=r, flat=flat)
+                res[(s, (w, flat))].append(wall)
                 if w == 0:
                     cpu0[s].append(cpu)
     table = []
     for s in names:
         table.append(("%s: store.get alone" % s, gets[s], "products/s"))
-        for w in a.workers:
-            table.append(("%s, %d workers: samples/s" % (s, w), res[(s, w)], "samples/s"))
-            table.append(("%s, %d workers: products/s" % (s, w),
-                          [2 * x for x in res[(s, w)]], "products/s"))
+        for w, flat in modes:
+            name = "%s, %d workers%s" % (s, w, ", flat" if flat else "")
+            table.append((name + ": samples/s", res[(s, (w, flat))], "samples/s"))
         if 0 in a.workers:
             table.append(("%s, per core (0 workers, per CPU-second)" % s,
                           [2 * x for x in cpu0[s]], "products/cpu-s"))

@@ -170,10 +170,12 @@ def test_same_batches_with_or_without_workers(world):
     ds = utils.PairDataset(queries, vocab, store, utils.NegativeSampler(queries), seed=3)
     ds.set_epoch(2)
     batches = []
-    for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=utils.collate_pairs,
-                                             num_workers=workers)
-        batches.append([(b["qi"], b["nqi"], b["npid"], b["n_feats"]) for b in loader])
+    for workers in (0, 2):  # engine.fit's choice: workers send unpadded regions
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=16, num_workers=workers,
+            collate_fn=utils.collate_pairs_flat if workers else utils.collate_pairs)
+        batches.append([(b["qi"], b["nqi"], b["npid"], b["n_feats"], b["n_mask"])
+                        for b in map(utils.unflatten, loader)])
     assert len(batches[0]) == len(batches[1]) == -(-len(ds) // 16)
     for x, y in zip(*batches):
         assert all(torch.equal(u, v) for u, v in zip(x, y))
@@ -200,6 +202,23 @@ def test_empty_queries_are_skipped(world, caplog, form):
     q["tokens"] = [[] for _ in q["tokens"]]
     with pytest.raises(DataError, match="no .* pair"):
         utils.PairDataset(q, vocab, store)
+
+
+def test_flat_collate_unflattens_to_the_padded_batch(world):
+    """Workers' unpadded batches, padded where they arrive, equal the padded collate exactly."""
+    queries, vocab, store = world
+    ds = utils.PairDataset(queries, vocab, store, utils.NegativeSampler(queries), seed=3)
+    items = [ds[i] for i in range(0, len(ds), 7)][:16]
+    items.append(dict(items[0], p=(items[0]["p"][0][:1], items[0]["p"][1][:1])))  # 1 box
+    padded = utils.collate_pairs(items)
+    flat = utils.collate_pairs_flat(items)
+    regions = sum(len(it["p"][1]) for it in items)
+    assert flat["p_feats"].shape == (regions, padded["p_feats"].shape[2])
+    assert "p_mask" not in flat and flat["p_lengths"].tolist() == padded["p_mask"].sum(1).tolist()
+    back = utils.unflatten(dict(flat))
+    assert set(back) == set(padded)
+    for k, v in padded.items():
+        assert v.dtype == back[k].dtype and torch.equal(v, back[k]), k
 
 
 def test_max_words_truncates(world):

@@ -139,6 +139,22 @@ def test_model2_checkpoint_from_before_input_norm_loads(pretrained, tiny_world, 
         assert torch.equal(old.logits(tokens, image), new.logits(tokens, image))
 
 
+def test_workers_train_exactly_as_the_main_process(pretrained, tiny_world, tmp_path):
+    """--workers 1 (unpadded regions from the worker, padded on arrival) = --workers 0."""
+    export = os.path.join(pretrained, "encoder.pt")
+    logs = []
+    for workers in ("0", "1"):
+        out = str(tmp_path / workers)
+        argv = _common(tiny_world, out, epochs=1) + ["--export", export, "--no-eval"]
+        argv[argv.index("--workers") + 1] = workers
+        m1_train.main(argv)
+        logs.append(_log(out)[0])
+        logs[-1]["params"] = _params(os.path.join(out, "last.pt"))
+    assert logs[0]["loss"] == logs[1]["loss"]
+    for k, v in logs[0]["params"].items():
+        assert torch.equal(v, logs[1]["params"][k]), k
+
+
 def test_checkpoint_from_another_preset_is_refused(pretrained, tiny_world, tmp_path):
     out = str(tmp_path / "ml")
     ml_train.main(_common(tiny_world, out, epochs=1))
