@@ -1,0 +1,50 @@
+"""The one-command pipeline (run.sh) end to end on the tiny world, with either store."""
+import csv
+import json
+import os
+import subprocess
+
+import pytest
+
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("store", ["packed", "npz"])
+def test_run_sh_end_to_end(tiny_world, tmp_path, store):
+    out = str(tmp_path / "runs")
+    env = dict(os.environ, DATA_DIR=tiny_world.data, OUT_DIR=out, PRESET="tiny", EPOCHS="1",
+               STORE=store, NPROC="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh")], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    # every command is printed, so a user can copy it
+    commands = [line for line in r.stdout.splitlines() if line.startswith("+ ")]
+    assert any("model2/train.py" in c for c in commands)
+    assert all(("--store packed" in c) == (store == "packed")
+               for c in commands if "/train.py" in c)
+    with open(os.path.join(out, "stage_times.tsv")) as f:
+        stages = [line.split("\t")[0] for line in f]
+    assert ("pack" in stages) == (store == "packed") and stages[-1] == "ensemble"
+    pred = os.path.join(out, "prediction_result")
+    for name in ("valid_pred_model1", "valid_pred_model2", "test_pred_model1",
+                 "test_pred_model2"):
+        assert os.path.exists(os.path.join(pred, name + ".json")), name
+    with open(os.path.join(pred, "submission.csv")) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["query-id", "product1", "product2", "product3", "product4", "product5"]
+    cands = utils.read_candidates(os.path.join(tiny_world.data, "testB", "testB.tsv"))
+    utils.check_submission([(int(r[0]), r[1:]) for r in rows[1:]],
+                           {q: c["products"] for q, c in cands.items()}, list(cands))
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert 0.0 <= summary["ensemble"]["t"] <= 1.0
+
+
+def test_run_sh_rejects_an_unknown_store(tmp_path):
+    env = dict(os.environ, OUT_DIR=str(tmp_path / "runs"), STORE="zip")
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "STORE must be packed or npz, got 'zip'" in r.stderr
+    assert not os.path.exists(tmp_path / "runs")  # nothing started
