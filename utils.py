@@ -520,7 +520,8 @@ def _preprocess_range(job):
         try:
             if text is None:
                 raise ValueError("truncated last line (no newline)")
-            out = os.path.join(features, text.split(b"\t", 1)[0].decode("ascii", "replace")
+            # the id only: split(b"\t", 1) would copy the 40 KB rest of the line
+            out = os.path.join(features, text[:text.find(b"\t")].decode("ascii", "replace")
                                + ".npz")
             row = parse_row(text, with_arrays=not os.path.exists(out))
             if "features" in row:
