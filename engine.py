@@ -109,7 +109,10 @@ def amp_setup(mode, device):
 
 
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+    """Tensors to ``device``, except the region lengths of unpadded batches, which
+    ``utils.unflatten`` reads on the CPU."""
+    return {k: v.to(device, non_blocking=True)
+            if torch.is_tensor(v) and not k.endswith("_lengths") else v
             for k, v in batch.items()}
 
 

@@ -386,15 +386,21 @@ def flat_regions(items):
 
 
 def pad_flat_regions(boxes, feats, lengths):
-    """The inverse of ``flat_regions``, on the tensors' device -> exactly ``pad_regions``'s
-    boxes (B, N, 5), feats (B, N, D), mask (B, N)."""
+    """The inverse of ``flat_regions`` -> exactly ``pad_regions``'s boxes (B, N, 5),
+    feats (B, N, D), mask (B, N), on the device of ``boxes``/``feats``.
+
+    Keep ``lengths`` on the CPU: the shape and the scatter index are then computed there,
+    and the GPU never has to stop and report a size (no device synchronisation).
+    """
     import torch
-    n = int(lengths.max())
-    mask = torch.arange(n, device=lengths.device)[None] < lengths[:, None]
-    out_b = boxes.new_zeros(len(lengths), n, boxes.shape[1])
-    out_f = feats.new_zeros(len(lengths), n, feats.shape[1])
-    out_b[mask], out_f[mask] = boxes, feats       # row-major: item 0's regions first
-    return out_b, out_f, mask
+    lengths = lengths.cpu()
+    B, n = len(lengths), int(lengths.max())
+    mask = torch.arange(n)[None] < lengths[:, None]
+    index = mask.flatten().nonzero().squeeze(1).to(feats.device, non_blocking=True)
+    out_b = boxes.new_zeros(B * n, boxes.shape[1]).index_copy_(0, index, boxes)
+    out_f = feats.new_zeros(B * n, feats.shape[1]).index_copy_(0, index, feats)
+    return (out_b.view(B, n, -1), out_f.view(B, n, -1),
+            mask.to(feats.device, non_blocking=True))
 
 
 def pad_tokens(seqs, pad=PAD):
@@ -1146,7 +1152,8 @@ def collate_pairs_flat(batch):
 
 
 def unflatten(batch):
-    """A ``collate_pairs(..., flat=True)`` batch (on any device) -> the padded batch."""
+    """A ``collate_pairs(..., flat=True)`` batch -> the padded batch, on the device of its
+    region tensors (``*_lengths`` may stay on the CPU, and should: see pad_flat_regions)."""
     for side in ("p", "n"):
         if side + "_lengths" in batch:
             batch[side + "_boxes"], batch[side + "_feats"], batch[side + "_mask"] = \
