@@ -38,7 +38,10 @@ def open_store(kind, folder):
 def loader_rate(dataset, workers, batch_size, batches, seed=0, flat=False):
     """-> (samples/s, samples per CPU-second of this process) over ``batches`` timed batches."""
     g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=g),
+    need = (batches + 3) * batch_size  # a world too small for that many draws repeats samples
+    sampler = RandomSampler(dataset, generator=g) if len(dataset) >= need else \
+        RandomSampler(dataset, replacement=True, num_samples=need, generator=g)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                         collate_fn=utils.collate_pairs_flat if flat else utils.collate_pairs,
                         num_workers=workers, drop_last=True)
     it = iter(loader)

@@ -48,3 +48,20 @@ def test_run_sh_rejects_an_unknown_store(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 2 and "STORE must be packed or npz, got 'zip'" in r.stderr
     assert not os.path.exists(tmp_path / "runs")  # nothing started
+
+
+def test_gpu_smoke_script_runs_on_cpu(tmp_path):
+    """bench/gpu_smoke.sh is what a session with a GPU runs in its few device minutes: keep
+    it working (here with the tiny preset and world, scoring on the CPU)."""
+    import sys
+    work = tmp_path / "smoke"
+    env = dict(os.environ, PYTHON=sys.executable, PRESET="tiny", WORLD="tiny", STEPS="2",
+               DEVICE="cpu", WORK=str(work), OUT=str(work / "out"), CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_smoke.sh")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    files = sorted(os.listdir(work / "out"))
+    assert files == ["gpu_smoke.log", "loading.txt", "model1.log.jsonl", "model2.log.jsonl",
+                     "multilabel.log.jsonl", "scoring.txt", "training.txt"]
+    with open(work / "out" / "training.txt") as f:
+        assert len([line for line in f if "samples/s" in line]) == 3
