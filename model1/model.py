@@ -8,8 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from multilabel.model import mlp
-
 
 class TextSide(nn.Module):
     """Word ids -> (frozen word embeddings (B, L, E), GRU states (B, L, H), mask (B, L))."""

@@ -1,9 +1,7 @@
 """The data foundation: generator format, preprocessing round trip, loaders, text, metric."""
 import base64
 import csv
-import json
 import os
-import shutil
 import subprocess
 import sys
 

@@ -1,8 +1,6 @@
 """Pretraining stage: encoder shapes, padding invariance, the losses, training, export."""
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 
