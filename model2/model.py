@@ -20,7 +20,7 @@ class SentenceImageMatcher(nn.Module):
             p.requires_grad = False
         d = word_emb.shape[1]
         self.emb = nn.Embedding.from_pretrained(word_emb.clone(), freeze=True, padding_idx=0)
-        # the sentence head is unnormalised (|x| ~ 2.4 on average, up to ~16 on the small world):
+        # the sentence head is unnormalised (its norm is in the tens on the small world):
         # bring it to the scale of a GRU state, or the gates saturate
         self.h0_norm = nn.LayerNorm(d)
         # pretrained word embeddings are small (std ~0.1 per dimension on the small world):
