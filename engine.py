@@ -109,10 +109,7 @@ def amp_setup(mode, device):
 
 
 def to_device(batch, device):
-    """Tensors to ``device``, except the region lengths of unpadded batches, which
-    ``utils.unflatten`` reads on the CPU."""
-    return {k: v.to(device, non_blocking=True)
-            if torch.is_tensor(v) and not k.endswith("_lengths") else v
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in batch.items()}
 
 
@@ -147,7 +144,7 @@ def train_one_epoch(model, loader, opt, dist, args, amp_dtype, scaler, epoch):
             break
         if fault:
             inject_fault(dist, epoch, step, args.out)
-        batch = utils.unflatten(to_device(batch, dist.device))
+        batch = to_device(utils.unflatten(batch, dist.device), dist.device)
         with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
             loss, parts = model(**batch)

@@ -290,7 +290,7 @@ class ProductStore:
         self.folder, self.max_boxes = folder, max_boxes
 
     def path(self, pid):
-        return os.path.join(self.folder, "%d.npz" % int(pid))
+        return _npz_path(self.folder, int(pid))
 
     def get(self, pid):
         path = self.path(pid)
@@ -385,22 +385,23 @@ def flat_regions(items):
     return torch.from_numpy(boxes), torch.from_numpy(feats), torch.from_numpy(lengths)
 
 
-def pad_flat_regions(boxes, feats, lengths):
+def pad_flat_regions(boxes, feats, lengths, device=None):
     """The inverse of ``flat_regions`` -> exactly ``pad_regions``'s boxes (B, N, 5),
-    feats (B, N, D), mask (B, N), on the device of ``boxes``/``feats``.
+    feats (B, N, D), mask (B, N), padded on ``device`` (default: where ``feats`` is).
 
-    Keep ``lengths`` on the CPU: the shape and the scatter index are then computed there,
-    and the GPU never has to stop and report a size (no device synchronisation).
+    The shape and the scatter index come from ``lengths`` on the CPU, so a GPU never has
+    to stop and report a size (no device synchronisation).
     """
     import torch
+    device = feats.device if device is None else device
     lengths = lengths.cpu()
     B, n = len(lengths), int(lengths.max())
     mask = torch.arange(n)[None] < lengths[:, None]
-    index = mask.flatten().nonzero().squeeze(1).to(feats.device, non_blocking=True)
+    index = mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+    boxes, feats = (x.to(device, non_blocking=True) for x in (boxes, feats))
     out_b = boxes.new_zeros(B * n, boxes.shape[1]).index_copy_(0, index, boxes)
     out_f = feats.new_zeros(B * n, feats.shape[1]).index_copy_(0, index, feats)
-    return (out_b.view(B, n, -1), out_f.view(B, n, -1),
-            mask.to(feats.device, non_blocking=True))
+    return out_b.view(B, n, -1), out_f.view(B, n, -1), mask.to(device, non_blocking=True)
 
 
 def pad_tokens(seqs, pad=PAD):
@@ -494,9 +495,12 @@ def byte_ranges(path, n, start=0, end=None):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def _save_row(row, features, compress):
-    save_npz_atomic(os.path.join(features, "%d.npz" % row["product_id"]), compress,
-                    features=row["features"], boxes=row["boxes"],
+def _npz_path(features, pid):
+    return os.path.join(features, "%s.npz" % pid)
+
+
+def _save_row(row, path, compress):
+    save_npz_atomic(path, compress, features=row["features"], boxes=row["boxes"],
                     class_labels=row["class_labels"],
                     image_hw=np.array([row["image_h"], row["image_w"]], np.int64))
 
@@ -527,11 +531,10 @@ def _preprocess_range(job):
             if text is None:
                 raise ValueError("truncated last line (no newline)")
             # the id only: split(b"\t", 1) would copy the 40 KB rest of the line
-            out = os.path.join(features, text[:text.find(b"\t")].decode("ascii", "replace")
-                               + ".npz")
+            out = _npz_path(features, text[:text.find(b"\t")].decode("ascii", "replace"))
             row = parse_row(text, with_arrays=not os.path.exists(out))
             if "features" in row:
-                _save_row(row, features, compress)
+                _save_row(row, out, compress)
         except ValueError as e:
             bad.append((off, str(e)))
             if not skip_bad:
@@ -658,7 +661,7 @@ def preprocess(data, features=None, info="info", workers=1, skip_bad=False, comp
         twice = df.product_id.duplicated(keep=False) & ~dup
         if not skip_bad:
             for pid in df.product_id[twice]:  # leave no file that a rerun would trust
-                os.remove(os.path.join(features, "%d.npz" % pid))
+                os.remove(_npz_path(features, pid))
             raise DataError("%s:%d: %s" % (path, line, msg))
         _rewrite_rows(path, offsets[np.flatnonzero(twice)].tolist(), features, compress)
         bad.append((line, msg + "; kept the first"))
@@ -676,7 +679,8 @@ def _rewrite_rows(path, offsets, features, compress):
     with open(path, "rb") as f:
         for off in offsets:
             f.seek(off)
-            _save_row(parse_row(f.readline().rstrip(b"\r\n").decode("utf-8")), features, compress)
+            row = parse_row(f.readline().rstrip(b"\r\n"))
+            _save_row(row, _npz_path(features, row["product_id"]), compress)
 
 
 def pack(features, info, out=None, fp16=False, progress=True):
@@ -1066,25 +1070,25 @@ class PairDataset:
         tokens = queries["tokens"]
         if isinstance(tokens, Ragged) and tokens.pool is not None:
             # encode the distinct words once, then every row by indexing
-            wid = np.asarray(vocab.encode(tokens.pool) if tokens.pool else [], np.int32)
-            ids = [wid[tokens.flat[a:b]].tolist()
-                   for a, b in zip(tokens.offsets[:-1], tokens.offsets[1:])]
+            wid = np.asarray(vocab.encode(tokens.pool), np.int32)
+            flat, off = wid[tokens.flat], tokens.offsets
         else:
-            ids = [vocab.encode(t) for t in tokens]
-        if max_words:
-            ids = [t[:max_words] for t in ids]
-        self.tok_flat, self.tok_off = _ragged(ids, np.int32)
-        keep = np.flatnonzero(np.diff(self.tok_off) > 0)
+            flat, off = _ragged([vocab.encode(t) for t in tokens], np.int32)
+        if max_words:  # keep the first max_words of every row
+            n = np.diff(off)
+            flat = flat[np.arange(len(flat)) - np.repeat(off[:-1], n) < max_words]
+            off = np.concatenate([[0], np.cumsum(np.minimum(n, max_words))])
+        self.tok_flat, self.tok_off = flat.astype(np.int32, copy=False), off
+        Q = len(off) - 1
         prod_flat, prod_off = ragged_parts(queries["products"])
-        counts = np.diff(prod_off)[keep]
-        self.pair_query = np.repeat(keep.astype(np.int64), counts)
-        starts = np.repeat(prod_off[keep], counts)
-        within = np.arange(len(starts)) - np.repeat(np.cumsum(counts) - counts, counts)
-        self.pair_product = prod_flat[starts + within].astype(np.int64)
-        skipped = len(ids) - len(keep)
+        counts = np.diff(prod_off)
+        kept = np.repeat(np.diff(off) > 0, counts)          # per pair: its query has tokens
+        self.pair_query = np.repeat(np.arange(Q, dtype=np.int64), counts)[kept]
+        self.pair_product = prod_flat[kept].astype(np.int64)
+        skipped = int((np.diff(off) == 0).sum())
         if skipped:
             log.warning("PairDataset: skipped %d of %d queries with no token left after "
-                        "stopword removal", skipped, len(ids))
+                        "stopword removal", skipped, Q)
         if len(self.pair_query) == 0:
             raise DataError("PairDataset: no (query, product) pair to train on")
         self.store, self.sampler, self.seed, self.epoch = store, sampler, int(seed), 0
@@ -1151,14 +1155,14 @@ def collate_pairs_flat(batch):
     return collate_pairs(batch, flat=True)
 
 
-def unflatten(batch):
-    """A ``collate_pairs(..., flat=True)`` batch -> the padded batch, on the device of its
-    region tensors (``*_lengths`` may stay on the CPU, and should: see pad_flat_regions)."""
+def unflatten(batch, device=None):
+    """A ``collate_pairs(..., flat=True)`` batch -> the padded batch, its regions padded on
+    ``device`` (default: where they are); a padded batch passes through unchanged."""
     for side in ("p", "n"):
         if side + "_lengths" in batch:
             batch[side + "_boxes"], batch[side + "_feats"], batch[side + "_mask"] = \
                 pad_flat_regions(batch[side + "_boxes"], batch[side + "_feats"],
-                                 batch.pop(side + "_lengths"))
+                                 batch.pop(side + "_lengths"), device)
     return batch
 
 
