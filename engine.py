@@ -30,7 +30,7 @@ def core_parser(description, presets):
                    help="competition data root")
     g.add_argument("--features", help="per-product .npz folder (default DATA/features)")
     g.add_argument("--store", default="npz", choices=["npz", "packed"],
-                   help="read products from the .npz folder or from `utils.py pack`'s store")
+                   help="read products from the .npz folder or from `prepare.py pack`'s store")
     g.add_argument("--packed", help="packed store folder (default: packed/ beside --features)")
     g.add_argument("--info", default=os.path.join(utils.ROOT, "info"), help="info/ folder")
     g.add_argument("--max-boxes", type=int, help="keep at most this many boxes per product")
@@ -113,28 +113,8 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
-def inject_fault(dist, epoch, step, out):
-    """Fault-injection hook for the reliability tests, off unless KDDMM_FAULT is set.
-
-    KDDMM_FAULT="RANK:EPOCH:STEP:exit|raise" makes that rank, at that step, either vanish
-    (os._exit, as when a worker is OOM-killed) or raise. It fires once per OUT folder: the
-    marker OUT/fault_injected stops it firing again in the job that torchrun restarts.
-    """
-    rank, at_epoch, at_step, kind = os.environ["KDDMM_FAULT"].split(":")
-    marker = os.path.join(out, "fault_injected")
-    if (int(rank), int(at_epoch), int(at_step)) != (dist.rank, epoch, step) \
-            or os.path.exists(marker):
-        return
-    os.makedirs(out, exist_ok=True)
-    open(marker, "w").close()
-    if kind == "exit":
-        os._exit(1)
-    raise RuntimeError("injected fault on rank %d, epoch %d, step %d" % (dist.rank, epoch, step))
-
-
-def train_one_epoch(model, loader, opt, dist, args, amp_dtype, scaler, epoch):
+def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch):
     model.train()
-    fault = "KDDMM_FAULT" in os.environ
     sums, n, seen, t0 = {}, 0, 0, time.time()
     from tqdm import tqdm
     steps = len(loader) if not args.steps_per_epoch else min(len(loader), args.steps_per_epoch)
@@ -142,8 +122,6 @@ def train_one_epoch(model, loader, opt, dist, args, amp_dtype, scaler, epoch):
     for step, batch in enumerate(loader):
         if step >= steps:
             break
-        if fault:
-            inject_fault(dist, epoch, step, args.out)
         batch = to_device(utils.unflatten(batch, dist.device), dist.device)
         with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
@@ -169,9 +147,12 @@ def train_one_epoch(model, loader, opt, dist, args, amp_dtype, scaler, epoch):
     return stats
 
 
-def fit(args, model, groups, gamma, dataset, collate, evaluate=None, metric="valid_ndcg5",
+def fit(args, model, groups, dataset, *, gamma, collate, evaluate=None, metric="valid_ndcg5",
         extra_state=None):
     """Train ``model`` for ``args.epochs``; checkpoints OUT/last.pt (each epoch) and OUT/best.pt.
+
+    ``collate`` turns a list of ``dataset`` items into the batch ``model(**batch)`` reads,
+    or into a flat batch that ``utils.unflatten`` pads on the training device.
 
     Returns the list of per-epoch log dicts (rank 0; other ranks get theirs without eval).
     """
@@ -196,10 +177,6 @@ def fit(args, model, groups, gamma, dataset, collate, evaluate=None, metric="val
         if dist.enabled else model
     sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
                                  shuffle=True, seed=args.seed, drop_last=True)
-    if args.workers > 0 and collate is utils.collate_pairs:
-        # workers send the regions unpadded (4x fewer bytes through shared memory at 3.9
-        # boxes per product); they are padded where the batch arrives, on the GPU if any
-        collate = utils.collate_pairs_flat
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                         collate_fn=collate, num_workers=args.workers,
                         pin_memory=dist.device.type == "cuda",
@@ -211,7 +188,8 @@ def fit(args, model, groups, gamma, dataset, collate, evaluate=None, metric="val
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         t0 = time.time()
-        stats = train_one_epoch(ddp, loader, opt, dist, args, amp_dtype, scaler, epoch)
+        stats = train_one_epoch(ddp, loader, opt, dist=dist, args=args, amp_dtype=amp_dtype,
+                                scaler=scaler, epoch=epoch)
         sched.step()
         stats.update(epoch=epoch, time_s=round(time.time() - t0, 2),
                      lr=[g["lr"] for g in opt.param_groups])

@@ -1,7 +1,7 @@
 """The blend of model1 and model2: score = t * model1 + (1 - t) * model2 per candidate.
 
 t is searched on ``np.linspace(0, 1, grid)`` by the official NDCG@5 on the validation
-answers (ranking ties broken by product id, as ``utils.rank`` does). Among grid points whose
+answers (ranking ties broken by product id, as ``metric.rank`` does). Among grid points whose
 score equals the best (within 1e-12), the one closest to 0.5 wins, then the smaller one.
 Tuning t on the same queries it is scored on is optimistic (the published 0.7417 was
 measured that way), so the k-fold estimate -- t chosen on k-1 folds, scored on the held-out
@@ -14,14 +14,14 @@ writes ``submission.csv``, ``ensemble.json`` (chosen normalisation and t, every 
 ``ensemble_t.png`` (valid NDCG@5 against t) in the folder of ``--out``.
 """
 import argparse
-import json
-import math
 import os
 import sys
 
 import numpy as np
 
-from utils import DataError, atomic_json, check_submission, load_answers, ndcg_at_k, ndcg_one, rank
+from metric import check_submission, load_answers, load_predictions, ndcg_at_k, ndcg_one, rank
+from tsv import DataError
+from utils import atomic_json, atomic_open
 
 HOWS = ("raw", "zscore", "rank")
 MODELS = ("model1", "model2")
@@ -30,41 +30,8 @@ TIE = 1e-12  # curve values closer than this count as equal when picking t
 
 
 # --------------------------------------------------------------------------------------
-# Prediction files
+# The two models' prediction files
 # --------------------------------------------------------------------------------------
-def load_predictions(path):
-    """``{"<qid>": [["<pid>", score], ...]}`` -> {int qid: {int pid: float score}}."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise DataError("%s: not found; run that model's validation.py first" % path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError("%s: not valid JSON (%s)" % (path, e)) from None
-    if not isinstance(raw, dict) or not raw:
-        raise DataError("%s: expected a non-empty {query_id: [[product_id, score], ...]}" % path)
-    out = {}
-    for q, items in raw.items():
-        where = "%s: query %s" % (path, q)
-        if not str(q).isdigit():
-            raise DataError("%s: query id is not an integer" % where)
-        if not isinstance(items, list) or not items:
-            raise DataError("%s: expected a non-empty list of [product_id, score]" % where)
-        scores = {}
-        for item in items:
-            if (not isinstance(item, (list, tuple)) or len(item) != 2
-                    or not str(item[0]).isdigit() or isinstance(item[1], bool)
-                    or not isinstance(item[1], (int, float)) or not math.isfinite(item[1])):
-                raise DataError("%s: bad entry %r (want [product_id, finite score])"
-                                % (where, item))
-            pid = int(item[0])
-            if pid in scores:
-                raise DataError("%s: product %d listed twice" % (where, pid))
-            scores[pid] = float(item[1])
-        out[int(q)] = scores
-    return out
-
-
 def check_aligned(p1, p2, names=MODELS):
     """Both models must score the same candidates of the same queries."""
     for a, b, na, nb in ((p1, p2, *names), (p2, p1, *names[::-1])):
@@ -170,13 +137,6 @@ def pick_t(ts, curve):
     return int(min(best, key=lambda j: (round(abs(ts[j] - 0.5), 9), ts[j])))
 
 
-def search_t(p1, p2, answers, how="raw", grid=100):
-    """-> (best t, curve (grid,)): mean valid NDCG@5 at each t of np.linspace(0, 1, grid)."""
-    _, ts, m = ndcg_matrix(p1, p2, answers, how, grid)
-    curve = m.mean(0)
-    return float(ts[pick_t(ts, curve)]), curve
-
-
 def _kfold(ts, m, k, seed):
     """Out-of-fold NDCG@5 and the t chosen for each fold, from a (Q, T) matrix."""
     if not 2 <= k <= len(m):
@@ -192,16 +152,7 @@ def _kfold(ts, m, k, seed):
     return float(held.mean()), chosen
 
 
-def kfold_estimate(p1, p2, answers, how="raw", k=5, seed=0, grid=100):
-    """Mean held-out NDCG@5 over all valid queries, t tuned on the other k-1 folds each time.
-
-    Every query is held out exactly once, so this is the NDCG@5 of out-of-fold blends.
-    """
-    _, ts, m = ndcg_matrix(p1, p2, answers, how, grid)
-    return _kfold(ts, m, k, seed)[0]
-
-
-def tune(p1, p2, answers, hows=HOWS, grid=100, k=5, seed=0):
+def tune(p1, p2, answers, *, hows=HOWS, grid=100, k=5, seed=0):
     """Per normalisation: t tuned on all of valid, its (optimistic) score, the k-fold estimate.
 
     -> {how: {"t", "valid", "kfold", "fold_t", "curve"}}; one matrix per normalisation.
@@ -232,7 +183,7 @@ def choose_how(tuning, how="best"):
 def submission_rows(preds, candidates=None, queries=None):
     """{qid: {pid: score}} -> [(qid, top-5 pids)], sorted by qid, checked by the official rules.
 
-    candidates: optional {qid: [pid or row dict, ...]} (or ``utils.read_candidates`` output)
+    candidates: optional {qid: [pid or row dict, ...]} (or ``tsv.read_candidates`` output)
     that every listed product must belong to; queries: ids that must all appear (default:
     the candidates' queries).
     """
@@ -257,11 +208,9 @@ def write_submission(preds, path, candidates=None, queries=None):
     """Check the rows, then write ``submission.csv`` atomically; returns the rows."""
     rows = submission_rows(preds, candidates, queries)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_open(path, newline="") as f:
         f.write(",".join(HEADER) + "\n")
         f.writelines("%d,%s\n" % (q, ",".join(map(str, pids))) for q, pids in rows)
-    os.replace(tmp, path)
     return rows
 
 
@@ -307,13 +256,13 @@ def plot_curves(tuning, how, path=None):
 # --------------------------------------------------------------------------------------
 # The whole stage
 # --------------------------------------------------------------------------------------
-def run_ensemble(pred_dir, valid_answers, out, test_answers=None, grid=100, hows=HOWS,
+def run_ensemble(pred_dir, valid_answers, out, *, test_answers=None, grid=100, hows=HOWS,
                  how="best", k=5, seed=0):
     """Tune on valid, blend test, write submission.csv, ensemble.json, ensemble_t.png."""
     v1, v2 = load_pair(pred_dir, "valid")
     t1, t2 = load_pair(pred_dir, "test")
     answers = load_answers(valid_answers)
-    tuning = tune(v1, v2, answers, hows, grid, k, seed)
+    tuning = tune(v1, v2, answers, hows=hows, grid=grid, k=k, seed=seed)
     how = choose_how(tuning, how)
     t = tuning[how]["t"]
     splits = {"valid": (v1, v2, answers)}
@@ -365,8 +314,8 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     try:
-        r = run_ensemble(a.pred_dir, a.valid_answers, a.out, a.test_answers, a.grid,
-                         a.normalisations, a.how, a.k, a.seed)
+        r = run_ensemble(a.pred_dir, a.valid_answers, a.out, test_answers=a.test_answers,
+                         grid=a.grid, hows=a.normalisations, how=a.how, k=a.k, seed=a.seed)
     except (DataError, ValueError) as e:
         sys.exit("error: %s" % e)
     print(r["tuning_table"].to_string(float_format="%.4f"))

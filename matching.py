@@ -10,6 +10,8 @@ import os
 import torch
 
 import engine
+import metric
+import sampler
 import utils
 from multilabel.export_model import load_export
 
@@ -72,11 +74,11 @@ def make_evaluator(args, vocab):
     if ans is None:
         return None
     cset = utils.CandidateSet.from_tsv(tsv, vocab, args.max_boxes, skip_bad=args.skip_bad)
-    answers = utils.load_answers(ans, cset.products())
+    answers = metric.load_answers(ans, cset.products())
 
     def evaluate(model):
         preds = score_split(model, cset, next(model.parameters()).device)
-        return {"valid_ndcg5": utils.ndcg_at_k(preds, answers)}
+        return {"valid_ndcg5": metric.ndcg_at_k(preds, answers)}
     return evaluate
 
 
@@ -88,12 +90,13 @@ def train_main(stage, argv, description, fallback):
     queries, vocab = utils.load_info(args.info)
     model, _ = build(stage, args, vocab)
     store = engine.build_store(args)
-    sampler = utils.NegativeSampler(queries, args.p_last, fallback)
-    dataset = utils.PairDataset(queries, vocab, store, sampler, seed=args.seed)
+    negatives = sampler.NegativeSampler(queries, args.p_last, fallback)
+    dataset = utils.PairDataset(queries, vocab, store, negatives, seed=args.seed)
     evaluate = None if args.no_eval else make_evaluator(args, vocab)
     # the vocabulary the frozen embeddings index: checked on resume and in load_trained
-    return engine.fit(args, model, param_groups(model, args), args.gamma, dataset,
-                      utils.collate_pairs, evaluate, extra_state={"vocab": vocab.itos})
+    return engine.fit(args, model, param_groups(model, args), dataset, gamma=args.gamma,
+                      collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
+                      evaluate=evaluate, extra_state={"vocab": vocab.itos})
 
 
 def load_trained(stage, ckpt_path, export=None):
@@ -136,14 +139,14 @@ def validation_main(stage, name, argv=None):
         tsv, ans = engine.split_paths(data, split)
         cset = utils.CandidateSet.from_tsv(tsv, vocab, ck["args"].get("max_boxes"),
                                            skip_bad=a.skip_bad)
-        answers = utils.load_answers(ans, cset.products()) if ans else None  # fail early
+        answers = metric.load_answers(ans, cset.products()) if ans else None  # fail early
         preds = score_split(model, cset, device, a.batch_size)
         fname = "%s_pred_%s.json" % ({"testB": "test"}.get(split, split), name)
-        utils.write_predictions(preds, os.path.join(a.out, fname))
+        metric.write_predictions(preds, os.path.join(a.out, fname))
         line = "%s: wrote %s (%d queries, %d candidates)" % (
             split, os.path.join(a.out, fname), len(cset), len(cset.pids))
         if answers:
-            results[split] = utils.ndcg_at_k(preds, answers)
+            results[split] = metric.ndcg_at_k(preds, answers)
             line += "  NDCG@5 %.4f" % results[split]
         print(line)
     return results

@@ -5,7 +5,7 @@
 #   PRESET    model preset of every stage: small (CPU, default), paper (published sizes), tiny
 #   NPROC     processes per training stage (torchrun when > 1; default 1)
 #   EPOCHS    override every stage's epoch count
-#   STORE     packed (default: `utils.py pack` after preprocessing, one memory-mapped file)
+#   STORE     packed (default: `prepare.py pack` after preprocessing, one memory-mapped file)
 #             or npz (read the per-product .npz files of preprocessing directly)
 #   WORKERS   DataLoader workers per process (default 0 with the packed store, 1 with npz)
 set -euo pipefail
@@ -46,9 +46,9 @@ fi
 if [ ! -f "$DATA_DIR/train/train.tsv" ]; then
   stage synthetic python synthetic.py --preset small --out "$DATA_DIR"
 fi
-stage preprocess python utils.py preprocess --data "$DATA_DIR" --info "$OUT_DIR/info" --workers 2 --no-progress
+stage preprocess python prepare.py preprocess --data "$DATA_DIR" --info "$OUT_DIR/info" --workers 2 --no-progress
 if [ "$STORE" = packed ]; then
-  stage pack python utils.py pack --features "$DATA_DIR/features" --info "$OUT_DIR/info" --out "$PACKED" --no-progress
+  stage pack python prepare.py pack --features "$DATA_DIR/features" --info "$OUT_DIR/info" --out "$PACKED" --no-progress
 fi
 stage multilabel_train "${TRAIN[@]}" multilabel/train.py "${COMMON[@]}" --out "$OUT_DIR/multilabel"
 stage multilabel_export python multilabel/export_model.py --ckpt "$OUT_DIR/multilabel/best.pt" --out "$OUT_DIR/multilabel/encoder.pt"

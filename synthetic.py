@@ -29,9 +29,9 @@ import sys
 
 import numpy as np
 
-FEAT_DIM = 2048
-COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "boxes", "features",
-           "class_labels", "query", "query_id"]
+from metric import ndcg_at_k
+from tsv import COLUMNS, FEAT_DIM
+
 LABELS = [
     "top clothes (coat, jacket, shirt, etc.)", "skirt & dress",
     "bottom clothes (trousers, pants, etc.)", "luggage, leather goods", "shoes",
@@ -301,7 +301,6 @@ def write_candidates(world, rng, path, n_queries, first_pid, first_qid):
 
 def baseline_report(records, answers, head_class_counts, seed):
     """NDCG@5 of a random ranking and of a detector-class match learned from train."""
-    from utils import ndcg_at_k  # local import: utils pulls in heavier dependencies
     rng = np.random.default_rng(seed)
     head_class = {h: int(np.argmax(c[:29])) for h, c in head_class_counts.items()}
     rand, cls = {}, {}

@@ -21,6 +21,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+import metric  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def evaluate(model, cset, answers):
         tokens, _ = utils.pad_tokens(cset.tokens)
         txt = model.text(tokens)
         scores = (txt[torch.from_numpy(cset.pos)] * img).sum(1)
-    return utils.ndcg_at_k(cset.predictions(scores.numpy()), answers)
+    return metric.ndcg_at_k(cset.predictions(scores.numpy()), answers)
 
 
 def main(argv=None):
@@ -61,7 +62,7 @@ def main(argv=None):
     loader = DataLoader(ds, batch_size=128, shuffle=True, collate_fn=utils.collate_pairs,
                         num_workers=1, drop_last=True)
     cset = utils.CandidateSet.from_tsv(os.path.join(a.data, "valid", "valid.tsv"), vocab)
-    answers = utils.load_answers(os.path.join(a.data, "valid", "valid_answer.json"))
+    answers = metric.load_answers(os.path.join(a.data, "valid", "valid_answer.json"))
     model = BowTwoTower(len(vocab))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     t0, steps, epoch = time.time(), 0, 0

@@ -33,8 +33,8 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
 EOF
 D="$WORK/data"
 [ -f "$D/train/train.tsv" ] || run $PY synthetic.py --preset "$WORLD" --out "$D"
-run $PY utils.py preprocess --data "$D" --info "$WORK/info" --workers "$(nproc)" --no-progress
-run $PY utils.py pack --features "$D/features" --info "$WORK/info" --out "$WORK/packed" --no-progress
+run $PY prepare.py preprocess --data "$D" --info "$WORK/info" --workers "$(nproc)" --no-progress
+run $PY prepare.py pack --features "$D/features" --info "$WORK/info" --out "$WORK/packed" --no-progress
 COMMON=(--data "$D" --info "$WORK/info" --preset "$PRESET" --epochs 1 --steps-per-epoch "$STEPS"
         --no-eval --no-progress --amp auto --store packed --packed "$WORK/packed" --workers 0)
 rm -rf "$WORK/multilabel" "$WORK/model1" "$WORK/model2"

@@ -4,11 +4,11 @@
         --store npz=DATA/features --store npz-compressed=DATA/features_z \
         --store packed=DATA/packed --store packed-fp16=DATA/packed16 [--workers 0 1 2]
 
-Prepare the stores with `utils.py preprocess` (with and without --compress) and
-`utils.py pack` (with and without --fp16). Each sample is what model1/model2 train on: a
+Prepare the stores with `prepare.py preprocess` (with and without --compress) and
+`prepare.py pack` (with and without --fp16). Each sample is what model1/model2 train on: a
 (query, product) pair plus a hard negative query and a negative product (PairDataset with
 a NegativeSampler), so it reads two products; collated by utils.collate_pairs into padded
-batches. With workers, also "flat": what engine.fit runs then, workers sending the regions
+batches. With workers, also "flat": what the stages train with then, workers sending the regions
 unpadded (utils.collate_pairs_flat) and the main process padding them (utils.unflatten,
 timed too). Timed after 3 warm-up batches (worker start-up excluded: it is paid once an epoch);
 the page cache is warm (the small world fits in memory). Every repeat visits the stores in
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 import utils  # noqa: E402
 from common import load, report  # noqa: E402
+from sampler import NegativeSampler  # noqa: E402
 
 
 def open_store(kind, folder):
@@ -80,7 +81,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     queries, vocab = utils.load_info(a.info)
-    sampler = utils.NegativeSampler(queries, 0.8, "cluster")
+    negatives = NegativeSampler(queries, 0.8, "cluster")
     stores = dict(s.split("=", 1) for s in a.store)
     pids = utils.ragged_parts(queries["products"])[0]
     modes = [(w, False) for w in a.workers] + [(w, True) for w in a.workers if w > 0]
@@ -93,7 +94,7 @@ def main(argv=None):
         for s in names[r % len(names):] + names[:r % len(names)]:
             store = open_store(s, stores[s])
             gets[s].append(get_rate(store, pids))
-            ds = utils.PairDataset(queries, vocab, store, sampler, seed=0)
+            ds = utils.PairDataset(queries, vocab, store, negatives, seed=0)
             for w, flat in modes:
                 wall, cpu = loader_rate(ds, w, a.batch_size, a.batches, seed=r, flat=flat)
                 res[(s, (w, flat))].append(wall)

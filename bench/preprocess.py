@@ -1,4 +1,4 @@
-"""Preprocessing: the floor loop beside `utils.py preprocess` with 1 and 2 workers (and 2 shards).
+"""Preprocessing: the floor loop beside `prepare.py preprocess` with 1 and 2 workers (and 2 shards).
 
     python bench/preprocess.py --data /work/bench_data/large --scratch /var/tmp/kddmm_pre \
         [--repeats 3] [--shards]
@@ -78,7 +78,7 @@ def floor_pair(data, scratch):
 
 def shards_then_merge(data, features, info):
     """Two shards as parallel processes, then the merge -> (wall s, peak tree MB)."""
-    base = [sys.executable, "utils.py", "preprocess", "--data", data, "--features", features,
+    base = [sys.executable, "prepare.py", "preprocess", "--data", data, "--features", features,
             "--info", info, "--workers", "1", "--no-progress"]
     c0, t0 = children_cpu(), time.perf_counter()
     procs = [subprocess.Popen(base + ["--shard", "%d/2" % i], cwd=ROOT,
@@ -106,12 +106,13 @@ def creates_per_s(folder, n=500):
 def breakdown(tsv, n=1500):
     """CPU microseconds per row of each step, in this process, on the first n rows."""
     import io
-    import utils
+    import prepare
+    import tsv
     with open(tsv, "rb") as f:
         f.readline()
         lines = [f.readline() for _ in range(n)]
     lines = [x for x in lines if x]
-    rows = [utils.parse_row(x.rstrip(b"\n")) for x in lines]
+    rows = [tsv.parse_row(x.rstrip(b"\n")) for x in lines]
 
     def floor_decode():
         for x in lines:
@@ -130,18 +131,18 @@ def breakdown(tsv, n=1500):
 
     def npz_direct():
         for r in rows:
-            b"".join(utils.npz_parts(dict(features=r["features"], boxes=r["boxes"],
-                                          class_labels=r["class_labels"],
-                                          image_hw=np.array([1, 1]))))
+            b"".join(prepare.npz_parts(dict(features=r["features"], boxes=r["boxes"],
+                                            class_labels=r["class_labels"],
+                                            image_hw=np.array([1, 1]))))
     steps = [("utf-8 decode + split of the line", lambda: [x.decode().split("\t") for x in lines]),
              ("parse_row of the text line (every check)",
-              lambda: [utils.parse_row(x.rstrip(b"\n").decode()) for x in lines]),
+              lambda: [tsv.parse_row(x.rstrip(b"\n").decode()) for x in lines]),
              ("parse_row of the bytes (what preprocess runs)",
-              lambda: [utils.parse_row(x.rstrip(b"\n")) for x in lines]),
+              lambda: [tsv.parse_row(x.rstrip(b"\n")) for x in lines]),
              ("floor: base64 decode only", floor_decode),
              ("floor: np.save x3 (in memory)", floor_save),
              ("np.savez (in memory)", npz),
-             ("utils.npz_parts, joined (what preprocess runs)", npz_direct)]
+             ("prepare.npz_parts, joined (what preprocess runs)", npz_direct)]
     out = []
     for name, fn in steps:
         best = float("inf")
@@ -191,7 +192,7 @@ def main(argv=None):
             elif c == "shards2":
                 wall, cpu, peak = shards_then_merge(a.data, feats, info)
             else:
-                out = run_timed([sys.executable, "utils.py", "preprocess", "--data", a.data,
+                out = run_timed([sys.executable, "prepare.py", "preprocess", "--data", a.data,
                                  "--features", feats, "--info", info, "--no-progress",
                                  "--workers", c[-1]])
                 wall, cpu, peak = out["wall_s"], out["cpu_s"], out["peak_tree_mb"]

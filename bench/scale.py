@@ -3,17 +3,18 @@
     python bench/scale.py --world tiny=/work/bench_data/tiny --world small=/work/bench_data/small \
         --world large=/work/bench_data/large --scratch /var/tmp/kddmm_scale [--rows 3000000]
 
-For each world (train rows from its info/meta.json): `utils.py preprocess --workers 2`,
-`utils.py pack`, then one epoch of multilabel/train.py (small preset, packed store, 0
+For each world (train rows from its info/meta.json): `prepare.py preprocess --workers 2`,
+`prepare.py pack`, then one epoch of multilabel/train.py (small preset, packed store, 0
 workers, no evaluation), each a subprocess timed with the peak memory of its process tree
 (RSS, and the anonymous part: RSS without the pages of mapped files, which the page cache
 holds for the packed store). A straight line through the two largest worlds gives seconds
 and MB per million rows, and the extrapolation to ``--rows`` (the real release: 3 M rows).
 
 Memory grows only with the metadata (feature arrays are streamed), so it is also measured
-at ``--rows`` directly: the largest world's data.pkl replicated to that many rows (fresh
-product and query ids, ~4.5 rows a query as in the worlds), laid out as preprocess holds it
-after the scan, then the DataFrame and info/ that preprocess builds from it. One run per
+at ``--rows`` directly: the largest world's train rows (from its info/) replicated to that
+many rows (fresh product and query ids, ~4.5 rows a query as in the worlds), laid out as
+preprocess holds them after the scan, then the DataFrame and info/ that preprocess builds
+from them. One run per
 world: the large world takes most of an hour.
 """
 import argparse
@@ -35,12 +36,12 @@ def measure(name, data, scratch, epoch_args):
     shutil.rmtree(os.path.join(scratch, name), ignore_errors=True)
     py = sys.executable
     print("%s: preprocess %s" % (name, load()), flush=True)
-    pre = run_timed([py, "utils.py", "preprocess", "--data", data, "--features", feats,
+    pre = run_timed([py, "prepare.py", "preprocess", "--data", data, "--features", feats,
                      "--info", info, "--workers", "2", "--no-progress"])
     with open(os.path.join(info, "meta.json")) as f:
         rows = json.load(f)["rows"]
     print("%s: pack %s" % (name, load()), flush=True)
-    pk = run_timed([py, "utils.py", "pack", "--features", feats, "--info", info, "--out", packed,
+    pk = run_timed([py, "prepare.py", "pack", "--features", feats, "--info", info, "--out", packed,
                     "--no-progress"])
     print("%s: one epoch %s" % (name, load()), flush=True)
     ep = run_timed([py, "multilabel/train.py", "--data", data, "--info", info, "--features", feats,
@@ -56,25 +57,30 @@ def metadata_at(info, rows, out):
     """In this process: preprocess's metadata half at ``rows`` rows -> prints peak RSS (MB)."""
     import numpy as np
     import pandas as pd
+    import prepare
     import utils
-    df = pd.read_pickle(os.path.join(info, "data.pkl"))
-    reps = int(np.ceil(rows / len(df)))
-    qmax, pmax = int(df.query_id.max()) + 1, int(df.product_id.max()) + 1
-    ints = np.concatenate([np.stack([np.arange(len(df)) * 40000 + k, df.product_id + k * pmax,
-                                     df.image_h, df.image_w, df.num_boxes,
-                                     df.query_id + k * qmax], 1) for k in range(reps)])[:rows]
+    q, _ = utils.load_info(info)
+    n = q["products"].lengths()
+    pid, boxes, qid = q["products"].flat, q["num_boxes"].flat, np.repeat(q["query_id"], n)
+    text = [t for t, k in zip(q["text"], n) for _ in range(k)]
+    del q
+    reps = int(np.ceil(rows / len(pid)))
+    qmax, pmax, size = int(qid.max()) + 1, int(pid.max()) + 1, np.full(len(pid), 800)
+    ints = np.concatenate([np.stack([np.arange(len(pid)) * 40000 + k, pid + k * pmax, size,
+                                     size, boxes, qid + k * qmax], 1)
+                           for k in range(reps)])[:rows]
     texts = []
     for k in range(reps):  # one string per query text, as the scan's workers return them
-        fresh = {t: "%s v%d" % (t, k) for t in set(df["query"])}
-        texts += [fresh[t] for t in df["query"]]
+        fresh = {t: "%s v%d" % (t, k) for t in set(text)}
+        texts += [fresh[t] for t in text]
     texts = texts[:rows]
-    del df
+    del text
     os.makedirs(out, exist_ok=True)
-    ints, texts = utils._meta(ints, texts)
-    df = pd.DataFrame({c: texts if c == "query" else ints[:, utils.META_INTS.index(c)]
-                       for c in utils.META_COLUMNS})
+    ints, texts = prepare._meta(ints, texts)
+    df = pd.DataFrame({c: texts if c == "query" else ints[:, prepare.META_INTS.index(c)]
+                       for c in prepare.META_COLUMNS})
     del ints, texts  # as preprocess does
-    utils.build_info(df, out)
+    prepare.build_info(df, out)
     print(json.dumps({"rows": len(df), "queries": int(df.query_id.nunique()),
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -36,6 +36,7 @@ import engine  # noqa: E402
 import matching  # noqa: E402
 import utils  # noqa: E402
 from common import load, report, run_timed  # noqa: E402
+from sampler import NegativeSampler  # noqa: E402
 
 STAGES = ("multilabel", "model1", "model2")
 CONFIGS = {"1p2t": (1, 2, "packed"), "1p1t": (1, 1, "packed"), "2p1t": (2, 1, "packed"),
@@ -81,7 +82,7 @@ def build(stage, a, export):
         model, _ = matching.build(mod, args, vocab)
         groups = matching.param_groups(model, args)
         fallback = "cluster" if stage == "model1" else "cluster_or_random"
-        ds = utils.PairDataset(queries, vocab, store, utils.NegativeSampler(queries, 0.8, fallback))
+        ds = utils.PairDataset(queries, vocab, store, NegativeSampler(queries, 0.8, fallback))
     opt, _ = engine.make_optimizer(groups, 1.0)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         collate_fn=utils.collate_pairs)
@@ -177,7 +178,7 @@ def main(argv=None):
     p.add_argument("--data", required=True)
     p.add_argument("--info", required=True)
     p.add_argument("--features", help="npz folder (default DATA/features)")
-    p.add_argument("--packed", required=True, help="utils.py pack output")
+    p.add_argument("--packed", required=True, help="prepare.py pack output")
     p.add_argument("--scratch", default="/tmp/kddmm_bench_training")
     p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=int, default=30)

@@ -84,8 +84,9 @@ def main(argv=None):
     if not args.no_eval:
         from multilabel.validation import make_evaluator
         evaluate = make_evaluator(args, vocab)
-    return engine.fit(args, model, groups, args.gamma, dataset, utils.collate_pairs, evaluate,
-                      extra_state={"vocab": vocab.itos, "encoder_config": cfg})
+    return engine.fit(args, model, groups, dataset, gamma=args.gamma,
+                      collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
+                      evaluate=evaluate, extra_state={"vocab": vocab.itos, "encoder_config": cfg})
 
 
 if __name__ == "__main__":

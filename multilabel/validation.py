@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import engine  # noqa: E402
+import metric  # noqa: E402
 import utils  # noqa: E402
 from multilabel.model import Pretrainer  # noqa: E402
 
@@ -37,11 +38,11 @@ def make_evaluator(args, vocab):
     """A closure for engine.fit: NDCG@5 of the pretraining ranking on ``args.eval_split``."""
     tsv, ans = engine.split_paths(args.data, args.eval_split)
     cset = utils.CandidateSet.from_tsv(tsv, vocab, args.max_boxes, skip_bad=args.skip_bad)
-    answers = utils.load_answers(ans, cset.products()) if ans else None
+    answers = metric.load_answers(ans, cset.products()) if ans else None
 
     def evaluate(model):
         preds, _ = rank_split(model, cset, next(model.parameters()).device)
-        return {"valid_ndcg5": utils.ndcg_at_k(preds, answers)} if answers else {}
+        return {"valid_ndcg5": metric.ndcg_at_k(preds, answers)} if answers else {}
     return evaluate
 
 
@@ -71,8 +72,8 @@ def main(argv=None):
     preds, heads = rank_split(model, cset, device)
     result = {}
     if ans:
-        answers = utils.load_answers(ans, cset.products())
-        result["ndcg5"] = utils.ndcg_at_k(preds, answers)
+        answers = metric.load_answers(ans, cset.products())
+        result["ndcg5"] = metric.ndcg_at_k(preds, answers)
         print("%s NDCG@5 (pretraining score): %.4f  (%d queries, checkpoint epoch %d)"
               % (a.split, result["ndcg5"], len(answers), ck["epoch"]))
         # one correct product of each of the first queries, so true query and caption agree

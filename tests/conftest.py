@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny synthetic world, generated and preprocessed once per session."""
+"""Shared fixtures (one tiny synthetic world, generated and preprocessed once per run) and
+the ``slow`` marker of the files in which every test trains a stage or runs the pipeline."""
 import os
 import sys
 import types
@@ -8,15 +9,22 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+SLOW_FILES = {"test_learning.py", "test_pipeline.py", "test_stages.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
+    import prepare
     import synthetic
-    import utils
     root = tmp_path_factory.mktemp("tiny")
     data, info = str(root / "data"), str(root / "info")
     report = synthetic.generate(data, "tiny", seed=0, log=lambda *a: None)
-    utils.preprocess(data, info=info, workers=1, progress=False)
+    prepare.preprocess(data, info=info, workers=1, progress=False)
     return types.SimpleNamespace(data=data, info=info, features=os.path.join(data, "features"),
                                  report=report, root=str(root))

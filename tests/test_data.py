@@ -9,9 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import metric
+import prepare
 import synthetic
+import tsv
 import utils
-from utils import DataError, ndcg_at_k, ndcg_one
+from metric import ndcg_at_k, ndcg_one
+from tsv import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +30,7 @@ def test_layout_and_format(tiny_world):
     assert list(labels.columns) == ["category_id", "category_name"] and len(labels) == 33
     assert labels.category_name[29] == "human face" and labels.category_name[32] == "hand"
     df = pd.read_csv(os.path.join(d, "valid/valid.tsv"), sep="\t", quoting=csv.QUOTE_NONE)
-    assert list(df.columns) == utils.COLUMNS
+    assert list(df.columns) == tsv.COLUMNS
     for r in df.itertuples():
         n = r.num_boxes
         b = np.frombuffer(base64.b64decode(r.boxes), np.float32).reshape(n, 4)
@@ -46,8 +50,8 @@ def test_layout_and_format(tiny_world):
 
 def test_candidates_and_answers(tiny_world):
     d = tiny_world.data
-    cands = utils.read_candidates(os.path.join(d, "valid/valid.tsv"))
-    answers = utils.load_answers(os.path.join(d, "valid/valid_answer.json"), cands)
+    cands = tsv.read_candidates(os.path.join(d, "valid/valid.tsv"))
+    answers = metric.load_answers(os.path.join(d, "valid/valid_answer.json"), cands)
     assert set(answers) == set(cands)
     seen = [r["product_id"] for q in cands.values() for r in q["products"]]
     assert len(seen) == len(set(seen))  # each product once: frequency carries no signal
@@ -80,8 +84,8 @@ def test_chinese_queries_segment(tmp_path):
 def test_npz_round_trip_equals_tsv(tiny_world):
     store = utils.ProductStore(tiny_world.features)
     n = 0
-    for _, text in utils.iter_lines(os.path.join(tiny_world.data, "train/train.tsv")):
-        row = utils.parse_row(text)
+    for _, text in tsv.iter_lines(os.path.join(tiny_world.data, "train/train.tsv")):
+        row = tsv.parse_row(text)
         with np.load(store.path(row["product_id"])) as z:
             assert np.array_equal(z["features"], row["features"])
             assert np.array_equal(z["boxes"], row["boxes"])
@@ -89,19 +93,22 @@ def test_npz_round_trip_equals_tsv(tiny_world):
         b5, f, _ = store.get(row["product_id"])
         assert np.allclose(b5, utils.row_regions(row)[0])
         n += 1
-    assert n == len(pd.read_pickle(os.path.join(tiny_world.info, "data.pkl")))
+    assert n == len(utils.load_info(tiny_world.info)[0]["products"].flat) == 631
 
 
 def test_info_contents(tiny_world):
     queries, vocab = utils.load_info(tiny_world.info)
-    df = pd.read_pickle(os.path.join(tiny_world.info, "data.pkl"))
-    assert list(df.columns) == utils.META_COLUMNS
-    assert len(queries["query_id"]) == df.query_id.nunique()
-    for i in range(len(queries["query_id"])):
-        q = queries["query_id"][i]
-        assert set(queries["products"][i]) == set(df.product_id[df.query_id == q])
+    df = pd.read_csv(os.path.join(tiny_world.data, "train/train.tsv"), sep="\t",
+                     quoting=csv.QUOTE_NONE, usecols=["product_id", "num_boxes", "query",
+                                                      "query_id"])
+    assert queries["query_id"].tolist() == sorted(df.query_id.unique())
+    for i, q in enumerate(queries["query_id"]):
+        rows = df[df.query_id == q]
+        assert queries["text"][i] == rows["query"].iloc[0]
+        assert dict(zip(queries["products"][i].tolist(), queries["num_boxes"][i].tolist())) \
+            == dict(zip(rows.product_id, rows.num_boxes))
+        assert queries["tokens"][i] == utils.tokenize(queries["text"][i])
         assert queries["tokens"][i][-1] == queries["last_word"][i]
-        assert i in queries["groups"][queries["last_word"][i]]
     assert vocab.itos[:4] == utils.SPECIALS and "shirt" in vocab.stoi
     assert queries["cluster"].shape == (len(queries["query_id"]),)
 
@@ -110,10 +117,10 @@ def test_rerun_skips_and_is_identical(tiny_world, tmp_path):
     info2 = str(tmp_path / "info2")
     feats = sorted(os.listdir(tiny_world.features))
     mtimes = {f: os.stat(os.path.join(tiny_world.features, f)).st_mtime_ns for f in feats[:20]}
-    utils.preprocess(tiny_world.data, info=info2, workers=2, progress=False)
+    prepare.preprocess(tiny_world.data, info=info2, workers=2, progress=False)
     for f, m in mtimes.items():  # complete files are not rewritten
         assert os.stat(os.path.join(tiny_world.features, f)).st_mtime_ns == m
-    for name in ["data.pkl", "vocab.json"]:
+    for name in ["queries.pkl", "vocab.json"]:
         with open(os.path.join(tiny_world.info, name), "rb") as a, \
                 open(os.path.join(info2, name), "rb") as b:
             assert a.read() == b.read(), name
@@ -154,7 +161,7 @@ def test_ndcg_hand_computed():
 
 def test_ndcg_ties_and_missing_query():
     preds = {"7": [(3, 0.5), (1, 0.5), (2, 0.9)]}  # tie -> lower product id first
-    assert utils.rank(preds["7"]) == [2, 1, 3]
+    assert metric.rank(preds["7"]) == [2, 1, 3]
     assert ndcg_at_k(preds, {7: {1}}) == pytest.approx(1 / np.log2(3))
     assert ndcg_at_k({7: [1, 2]}, {7: {1}}) == 1.0
     with pytest.raises(DataError, match="query 8"):
@@ -162,21 +169,21 @@ def test_ndcg_ties_and_missing_query():
 
 
 def test_check_submission_rules():
-    utils.check_submission([(1, [1, 2, 3, 4, 5])], answers={1: {1}})
+    metric.check_submission([(1, [1, 2, 3, 4, 5])], answers={1: {1}})
     for bad, msg in [([1, 2, 3, 4], "exactly 5"), ([1, 1, 2, 3, 4], "duplicate"),
                      ([1, 2, 3, 4, "x"], "non-digit"), ([1, 2, 3, 4, ""], "non-digit")]:
         with pytest.raises(DataError, match=msg):
-            utils.check_submission([(1, bad)])
+            metric.check_submission([(1, bad)])
     with pytest.raises(DataError, match="lacks 1 queries"):
-        utils.check_submission([(1, [1, 2, 3, 4, 5])], answers={1: {1}, 2: {3}})
+        metric.check_submission([(1, [1, 2, 3, 4, 5])], answers={1: {1}, 2: {3}})
     with pytest.raises(DataError, match="not candidates"):
-        utils.check_submission([(1, [1, 2, 3, 4, 99])], candidates={1: [1, 2, 3, 4, 5, 6]})
+        metric.check_submission([(1, [1, 2, 3, 4, 99])], candidates={1: [1, 2, 3, 4, 5, 6]})
 
 
 def _write_train(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write("\t".join(utils.COLUMNS) + "\n")
+        f.write("\t".join(tsv.COLUMNS) + "\n")
         f.writelines(rows)
 
 
@@ -203,9 +210,9 @@ def test_bad_rows_name_file_line_reason(tmp_path, mutate, reason):
     rows[7] = mutate(rows[7])
     _write_train(path, rows)
     with pytest.raises(DataError, match=r"train\.tsv:9: .*%s" % reason):
-        utils.preprocess(data, info=str(tmp_path / "i"), progress=False)
+        prepare.preprocess(data, info=str(tmp_path / "i"), progress=False)
     assert not os.path.exists(os.path.join(data, "features", "..", "x.npz"))
-    df = utils.preprocess(data, info=str(tmp_path / "i"), skip_bad=True, progress=False)
+    df = prepare.preprocess(data, info=str(tmp_path / "i"), skip_bad=True, progress=False)
     assert len(df) == 8  # good rows are never lost
 
 
@@ -215,23 +222,23 @@ def test_truncated_last_line_and_crlf(tmp_path):
     rows = [_good_row(100000001 + i).replace("\n", "\r\n") for i in range(4)]
     _write_train(path, rows + [_good_row(100000099)[:-500]])
     with pytest.raises(DataError, match=r"train\.tsv:6: truncated"):
-        utils.preprocess(data, info=str(tmp_path / "i"), progress=False)
-    assert len(utils.preprocess(data, info=str(tmp_path / "i"), skip_bad=True,
+        prepare.preprocess(data, info=str(tmp_path / "i"), progress=False)
+    assert len(prepare.preprocess(data, info=str(tmp_path / "i"), skip_bad=True,
                                 progress=False)) == 4
 
 
 def test_cli_preprocess_and_missing_file(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "utils.py"), "preprocess", "--data",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "preprocess", "--data",
                         str(tmp_path / "nope"), "--info", str(tmp_path / "i")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "train.tsv: not found" in r.stderr
 
 
 def test_cli_preprocess_info_loads_anywhere(tiny_world, tmp_path):
-    """`python utils.py preprocess` (utils is __main__ there) writes an info/ that plain
-    pickle loads without this project, and that load_info reads as the in-process run's."""
+    """`python prepare.py preprocess` writes an info/ that plain pickle loads without this
+    project, and that load_info reads as the in-process run's."""
     info = str(tmp_path / "info")
-    subprocess.run([sys.executable, os.path.join(ROOT, "utils.py"), "preprocess", "--data",
+    subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "preprocess", "--data",
                     tiny_world.data, "--info", info, "--no-progress"], check=True,
                    capture_output=True)
     code = ("import pickle, sys; q = pickle.load(open(sys.argv[1], 'rb')); "

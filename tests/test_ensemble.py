@@ -10,11 +10,23 @@ import numpy as np
 import pytest
 
 import ensemble
-from ensemble import blend, kfold_estimate, load_predictions, normalise, search_t, write_submission
-from utils import DataError, ndcg_at_k, rank
+from ensemble import blend, normalise, write_submission
+from metric import load_predictions, ndcg_at_k, rank
+from tsv import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISS = 1 / math.log2(3)  # NDCG@5 of a single answer ranked second
+
+
+def search_t(p1, p2, answers, how="raw", grid=100):
+    """-> (t tuned on all of ``answers``, curve (grid,)): what ``ensemble.tune`` reports."""
+    _, ts, m = ensemble.ndcg_matrix(p1, p2, answers, how, grid)
+    curve = m.mean(0)
+    return float(ts[ensemble.pick_t(ts, curve)]), curve
+
+
+def kfold_estimate(p1, p2, answers, how="raw", k=5, seed=0, grid=100):
+    return ensemble.tune(p1, p2, answers, hows=(how,), grid=grid, k=k, seed=seed)[how]["kfold"]
 
 
 def dump(preds, path):
@@ -215,7 +227,7 @@ def test_write_submission_rules(tmp_path):
     assert rows[0] == ensemble.HEADER
     assert rows[1:] == [["3", "25", "24", "23", "22", "21"],
                         ["5", "11", "15", "12", "13", "16"]]  # 0.5 ties by product id
-    assert not os.path.exists(path + ".tmp")
+    assert os.listdir(os.path.dirname(path)) == ["submission.csv"]  # no temporary file left
 
     with pytest.raises(DataError, match="query 9 has only 4 candidates"):
         write_submission({**preds, 9: {1: 1.0, 2: 0.5, 3: 0.2, 4: 0.0}}, path)

@@ -12,15 +12,15 @@ from model2 import train as m2_train, validation as m2_validation
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    import prepare
     import synthetic
-    import utils
     root = tmp_path_factory.mktemp("learnable")
     data, info = str(root / "data"), str(root / "info")
     # the tiny world with 1,000 train queries (4.6 k rows) and 60 queries per eval split:
     # the encoder needs ~400 steps before its multi-label head takes off
     report = synthetic.generate(data, "tiny", seed=0, train_queries=1000, eval_queries=60,
                                 log=lambda *a: None)
-    utils.preprocess(data, info=info, workers=1, progress=False)
+    prepare.preprocess(data, info=info, workers=1, progress=False)
     return data, info, report, str(root)
 
 

@@ -1,4 +1,4 @@
-"""Reliability (issue 8): bad input is an error naming file, line and reason (or, with
+"""Reliability: bad input is an error naming file, line and reason (or, with
 --skip-bad, skipped and counted); crashes resume to the same result; a distributed fault
 restarts or stops the job, never hangs it; nothing unsafe is loaded or written.
 
@@ -23,13 +23,18 @@ import pytest
 import torch
 
 import ensemble
+import faults
 import matching
+import metric
+import prepare
 import synthetic
+import tsv
 import utils
 from multilabel import export_model, train as ml_train, validation as ml_validation
 from model1 import train as m1_train
 from model2 import train as m2_train, validation as m2_validation
-from utils import DataError
+from sampler import NegativeSampler
+from tsv import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +56,7 @@ def _write_tsv(path, rows):
     """rows: str or bytes lines; written as bytes so that invalid UTF-8 survives."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
-        f.write(("\t".join(utils.COLUMNS) + "\n").encode())
+        f.write(("\t".join(tsv.COLUMNS) + "\n").encode())
         f.writelines(r.encode() if isinstance(r, str) else r for r in rows)
 
 
@@ -88,10 +93,10 @@ def test_bad_train_row_is_an_error_or_skipped_with_a_count(tmp_path, caplog, cas
     rows[7], reason = BAD_ROWS[case]
     _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
     with pytest.raises(DataError, match=r"train\.tsv:9: .*%s" % reason):
-        utils.preprocess(data, info=info, progress=False)
-    assert not os.path.exists(os.path.join(info, "data.pkl"))
+        prepare.preprocess(data, info=info, progress=False)
+    assert not os.path.exists(os.path.join(info, "queries.pkl"))
     with caplog.at_level(logging.WARNING, logger="kddmm"):
-        df = utils.preprocess(data, info=info, skip_bad=True, progress=False)
+        df = prepare.preprocess(data, info=info, skip_bad=True, progress=False)
     assert len(df) == 8 and 100000008 not in set(df.product_id)
     assert "skipped 1 bad rows" in caplog.text and "line 9: " in caplog.text
     assert not os.path.exists(os.path.join(data, "features", "100000008.npz"))
@@ -102,7 +107,7 @@ def test_cli_bad_row_exits_non_zero_naming_file_and_line(tmp_path):
     rows = [_row(100000001 + i) for i in range(9)]
     rows[7] = BAD_ROWS["tab inside the query"][0]
     _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "utils.py"), "preprocess", "--data",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "preprocess", "--data",
                         data, "--info", info, "--workers", "1", "--no-progress"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
@@ -117,9 +122,9 @@ def test_bad_candidate_row_is_an_error_or_skipped_with_a_count(tmp_path, caplog)
     rows[4] = _row(103000005, query="red\tdress", qid=7)
     _write_tsv(path, rows)
     with pytest.raises(DataError, match=r"valid\.tsv:5: .*NaN"):
-        utils.read_candidates(path)
+        tsv.read_candidates(path)
     with caplog.at_level(logging.WARNING, logger="kddmm"):
-        cands = utils.read_candidates(path, skip_bad=True)
+        cands = tsv.read_candidates(path, skip_bad=True)
     assert [r["product_id"] for r in cands[7]["products"]] == [103000001, 103000002,
                                                                 103000003, 103000006]
     assert "skipped 2 bad rows" in caplog.text and "valid.tsv:6: expected 9" in caplog.text
@@ -134,13 +139,13 @@ def test_quotes_in_queries_round_trip_untouched(tmp_path):
             for j in range(3)]
     data, info = str(tmp_path / "d"), str(tmp_path / "i")
     _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
-    df = utils.preprocess(data, info=info, progress=False)
+    df = prepare.preprocess(data, info=info, progress=False)
     assert sorted(set(df["query"])) == sorted(texts)
     queries, _ = utils.load_info(info)
     assert sorted(queries["text"]) == sorted(texts)
     assert queries["tokens"][queries["text"].index('say "hi shirt')] == ["say", "hi", "shirt"]
     _write_tsv(str(tmp_path / "v.tsv"), rows)
-    cands = utils.read_candidates(str(tmp_path / "v.tsv"))
+    cands = tsv.read_candidates(str(tmp_path / "v.tsv"))
     assert sorted(c["query"] for c in cands.values()) == sorted(texts)
 
 
@@ -150,13 +155,13 @@ def test_stopword_only_query_is_skipped_in_training_with_a_count(tmp_path, caplo
             for j in range(3)]
     data, info = str(tmp_path / "d"), str(tmp_path / "i")
     _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
-    utils.preprocess(data, info=info, progress=False)
+    prepare.preprocess(data, info=info, progress=False)
     queries, vocab = utils.load_info(info)
     k = list(queries["query_id"]).index(12)
     assert queries["tokens"][k] == [] and queries["last_word"][k] == "<empty>"
     store = utils.ProductStore(os.path.join(data, "features"))
     with caplog.at_level(logging.WARNING, logger="kddmm"):
-        ds = utils.PairDataset(queries, vocab, store, utils.NegativeSampler(queries))
+        ds = utils.PairDataset(queries, vocab, store, NegativeSampler(queries))
     assert "skipped 1 of 3 queries" in caplog.text
     assert len(ds) == 6 and k not in set(ds.pair_query.tolist())
     assert all(ds[i]["nqi"] != k for i in range(len(ds)))
@@ -174,14 +179,14 @@ def test_duplicate_product_id_is_an_error_or_keeps_the_first_row(tmp_path, caplo
     rows[7] = _row(100000042, feats=later, qid=6)
     _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
     with pytest.raises(DataError, match=r"train\.tsv:9: duplicate product_id 100000042"):
-        utils.preprocess(data, info=info, progress=False)
+        prepare.preprocess(data, info=info, progress=False)
     npz = os.path.join(feats, "100000042.npz")
-    assert not os.path.exists(npz) and not os.path.exists(os.path.join(info, "data.pkl"))
-    utils.save_npz_atomic(npz, features=later, boxes=np.zeros((2, 4), np.float32),
+    assert not os.path.exists(npz) and not os.path.exists(os.path.join(info, "queries.pkl"))
+    prepare.save_npz_atomic(npz, features=later, boxes=np.zeros((2, 4), np.float32),
                           class_labels=np.zeros(2, np.int64),
                           image_hw=np.array([500, 400], np.int64))
     with caplog.at_level(logging.WARNING, logger="kddmm"):
-        df = utils.preprocess(data, info=info, skip_bad=True, progress=False)
+        df = prepare.preprocess(data, info=info, skip_bad=True, progress=False)
     assert len(df) == 8 and df.query_id[df.product_id == 100000042].tolist() == [5]
     assert "line 9: duplicate product_id 100000042" in caplog.text
     assert "kept the first" in caplog.text
@@ -195,11 +200,11 @@ def test_one_query_id_with_two_texts_is_an_error(tmp_path):
     data, info = str(tmp_path / "d"), str(tmp_path / "i")
     _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
     with pytest.raises(DataError, match="query_id 5 carries two different query texts"):
-        utils.preprocess(data, info=info, progress=False)
+        prepare.preprocess(data, info=info, progress=False)
     assert os.listdir(info) == []  # nothing half-built for a later stage to trust
     _write_tsv(str(tmp_path / "v.tsv"), rows)
     with pytest.raises(DataError, match=r"v\.tsv:5: query_id 5 has two different texts"):
-        utils.read_candidates(str(tmp_path / "v.tsv"))
+        tsv.read_candidates(str(tmp_path / "v.tsv"))
 
 
 def test_answers_against_candidates(tmp_path, caplog):
@@ -207,18 +212,18 @@ def test_answers_against_candidates(tmp_path, caplog):
     query's candidates is a warning (it can never be ranked: NDCG stays below 1)."""
     path = str(tmp_path / "valid" / "valid.tsv")
     _write_tsv(path, [_row(103000001 + i, qid=7) for i in range(4)])
-    cands = utils.read_candidates(path)
+    cands = tsv.read_candidates(path)
     ans = tmp_path / "valid_answer.json"
     ans.write_text(json.dumps({"7": [103000001, 103000099]}))
     for form in (cands, {7: [103000001, 103000002, 103000003, 103000004]}):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kddmm"):
-            answers = utils.load_answers(str(ans), form)
+            answers = metric.load_answers(str(ans), form)
         assert answers == {7: {103000001, 103000099}}
         assert "query 7: 1 answers are not among its candidates" in caplog.text
     ans.write_text(json.dumps({"7": [103000001], "8": [103000002]}))
     with pytest.raises(DataError, match="query 8 has answers but no candidates"):
-        utils.load_answers(str(ans), cands)
+        metric.load_answers(str(ans), cands)
 
 
 # --------------------------------------------------------------------------------------
@@ -260,10 +265,10 @@ def test_model2_crash_mid_epoch_then_resume_equals_uninterrupted(m2, pre, tiny_w
                                                                  monkeypatch):
     out = str(tmp_path / "m2")
     argv = _common(tiny_world, out) + ["--export", os.path.join(pre, "encoder.pt"), "--no-eval"]
-    monkeypatch.setenv("KDDMM_FAULT", "0:1:2:raise")
+    faults.inject(monkeypatch.setattr, "0:1:2:raise", out)
     with pytest.raises(RuntimeError, match="injected fault on rank 0, epoch 1, step 2"):
         m2_train.main(argv)
-    monkeypatch.delenv("KDDMM_FAULT")
+    monkeypatch.undo()
     assert utils.load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 0
     m2_train.main(argv + ["--resume"])
     a = utils.load_checkpoint(os.path.join(m2, "last.pt"))
@@ -299,8 +304,8 @@ def _edit_valid(tiny_world, root, edit):
     shutil.copy(os.path.join(tiny_world.data, "valid", "valid_answer.json"),
                 os.path.join(root, "valid"))
     rows = []
-    for _, text in utils.iter_lines(os.path.join(tiny_world.data, "valid", "valid.tsv")):
-        r = edit(utils.parse_row(text))
+    for _, text in tsv.iter_lines(os.path.join(tiny_world.data, "valid", "valid.tsv")):
+        r = edit(tsv.parse_row(text))
         if r is not None:
             rows.append(synthetic.tsv_row(r["product_id"], (
                 r["image_h"], r["image_w"], r["boxes"], r["features"], r["class_labels"]),
@@ -313,7 +318,7 @@ def test_validation_ranks_stopword_queries_and_skips_bad_rows(m2, pre, tiny_worl
                                                               caplog):
     """A stopword-only query still gets every candidate scored; a NaN row (an answer) is an
     error naming file and line, or with --skip-bad skipped, counted, and warned about."""
-    answers = utils.load_answers(os.path.join(tiny_world.data, "valid", "valid_answer.json"))
+    answers = metric.load_answers(os.path.join(tiny_world.data, "valid", "valid_answer.json"))
     q_empty, q_bad = sorted(answers)[:2]
     bad_pid = min(answers[q_bad])
 
@@ -331,27 +336,32 @@ def test_validation_ranks_stopword_queries_and_skips_bad_rows(m2, pre, tiny_worl
         m2_validation.main(argv)
     with caplog.at_level(logging.WARNING, logger="kddmm"):
         res = m2_validation.main(argv + ["--skip-bad"])
-    assert 0.0 <= res["valid"] <= 1.0
     assert "skipped 1 bad rows" in caplog.text
     assert "query %d: 1 answers are not among its candidates" % q_bad in caplog.text
-    preds = utils.load_predictions(os.path.join(pred, "valid_pred_model2.json"))
-    cands = utils.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv"))
+    preds = metric.load_predictions(os.path.join(pred, "valid_pred_model2.json"))
+    cands = tsv.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv"))
     assert set(preds) == set(cands)
-    for q, items in preds.items():
+    for q, scores in preds.items():
         want = {r["product_id"] for r in cands[q]["products"]} - {bad_pid}
-        assert {p for p, _ in items} == want and np.isfinite([s for _, s in items]).all()
-    # the same flag for the validation inside training and for the pretraining ranking
+        assert set(scores) == want
+    # the figure printed is the NDCG@5 of the file written
+    assert res["valid"] == metric.ndcg_at_k({q: list(s.items()) for q, s in preds.items()},
+                                            answers)
+    # the same flag, and the same figure, for the validation inside training
     model, vocab, _ = matching.load_trained(m2_train, os.path.join(m2, "best.pt"))
     args = argparse.Namespace(data=data, eval_split="valid", max_boxes=None, skip_bad=True)
-    assert 0.0 <= matching.make_evaluator(args, vocab)(model)["valid_ndcg5"] <= 1.0
+    assert matching.make_evaluator(args, vocab)(model)["valid_ndcg5"] == res["valid"]
+    # and for the pretraining ranking, by its script and inside pretraining
     argv = ["--ckpt", os.path.join(pre, "last.pt"), "--data", data, "--captions", "1"]
     with pytest.raises(DataError, match=r"valid\.tsv:\d+: features or boxes contain NaN"):
         ml_validation.main(argv)
-    assert 0.0 <= ml_validation.main(argv + ["--skip-bad"])["ndcg5"] <= 1.0
+    model, vocab, _ = ml_validation.load_pretrainer(os.path.join(pre, "last.pt"))
+    assert ml_validation.main(argv + ["--skip-bad"])["ndcg5"] == \
+        ml_validation.make_evaluator(args, vocab)(model)["valid_ndcg5"]
 
 
 def test_validation_query_with_answers_but_no_candidates_is_an_error(m2, tiny_world, tmp_path):
-    gone = min(utils.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv")))
+    gone = min(tsv.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv")))
     data = _edit_valid(tiny_world, str(tmp_path / "d"),
                        lambda r: None if r["query_id"] == gone else r)
     with pytest.raises(DataError, match="query %d has answers but no candidates" % gone):
@@ -362,7 +372,7 @@ def test_validation_query_with_answers_but_no_candidates_is_an_error(m2, tiny_wo
 def test_every_model_ranks_a_stopword_only_query(pre, tiny_world):
     """model1 (all candidates tie: product id order), model2 (reads <unk>) and the
     pretraining score (0 for all) give every candidate a finite score."""
-    cands = utils.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv"))
+    cands = tsv.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv"))
     q0 = min(cands)
     cands[q0]["query"] = "the for with"
     model, vocab, _ = ml_validation.load_pretrainer(os.path.join(pre, "last.pt"))
@@ -393,7 +403,7 @@ def test_prediction_file_missing_a_query_is_an_error(tmp_path):
     pred_dir = tmp_path / "pred"
     for split in ("valid", "test"):
         for m in ("model1", "model2"):
-            utils.write_predictions({q: [(p, float(rng.random())) for p in ps]
+            metric.write_predictions({q: [(p, float(rng.random())) for p in ps]
                                      for q, ps in cands.items()},
                                     str(pred_dir / ("%s_pred_%s.json" % (split, m))))
     (tmp_path / "answers.json").write_text(json.dumps(answers))
@@ -406,9 +416,9 @@ def test_prediction_file_missing_a_query_is_an_error(tmp_path):
     for split in ("test", "valid"):
         for m in ("model1", "model2"):
             path = str(pred_dir / ("%s_pred_%s.json" % (split, m)))
-            preds = utils.load_predictions(path)
+            preds = metric.load_predictions(path)
             del preds[3]
-            utils.write_predictions(preds, path)
+            metric.write_predictions({q: list(s.items()) for q, s in preds.items()}, path)
         with pytest.raises(SystemExit, match="no entry for query 3"):
             ensemble.main(argv)
         assert not os.path.exists(out)
@@ -439,7 +449,7 @@ def test_preprocess_killed_half_way_then_rerun_is_byte_identical(tiny_world, tmp
     shutil.copy(os.path.join(tiny_world.data, "train", "train.tsv"),
                 os.path.join(data, "train"))
     total = _npz_count(tiny_world.features)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "utils.py"), "preprocess",
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), "preprocess",
                              "--data", data, "--info", info, "--workers", "1", "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -458,7 +468,7 @@ def test_preprocess_killed_half_way_then_rerun_is_byte_identical(tiny_world, tmp
     assert not os.path.exists(os.path.join(info, "queries.pkl"))
     with open(os.path.join(feats, "100000000.npz.tmp99999"), "wb") as f:
         f.write(b"torn")  # what a kill during a write leaves
-    utils.preprocess(data, info=info, workers=1, progress=False)
+    prepare.preprocess(data, info=info, workers=1, progress=False)
     clean, rerun = _tree(tiny_world.features), _tree(feats)
     assert sorted(rerun) == sorted(clean)
     assert all(rerun[n] == clean[n] for n in clean)
@@ -466,12 +476,14 @@ def test_preprocess_killed_half_way_then_rerun_is_byte_identical(tiny_world, tmp
 
 
 def _torchrun(args, tmp_path, fault, restarts=0, timeout=300):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", KDDMM_FAULT=fault,
+    """multilabel/train.py on 2 gloo processes, with the fault of ``faults.py``."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
                # a restarted gloo job reads its peers' stale addresses from the rendezvous
                # store that torchrun shares with it (pytorch/pytorch#135712)
                TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--max-restarts=%d" % restarts, os.path.join(ROOT, "multilabel", "train.py")] + args
+           "--max-restarts=%d" % restarts, os.path.join(ROOT, "tests", "faults.py"), fault,
+           os.path.join(ROOT, "multilabel", "train.py")] + args
     t0 = time.time()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                        cwd=str(tmp_path))
@@ -543,7 +555,7 @@ def test_nothing_is_written_outside_the_given_folders(tmp_path, tiny_world, pre)
              for bad in ["../x", "/tmp/kddmm_abs", "..\\y", "../../../x"]]
     _write_tsv(str(data / "train" / "train.tsv"), rows)
     before = _snapshot(str(tmp_path))
-    utils.preprocess(str(data), features=str(data / "features"), info=str(data / "info"),
+    prepare.preprocess(str(data), features=str(data / "features"), info=str(data / "info"),
                      skip_bad=True, progress=False)
     new = set(_snapshot(str(tmp_path))) - set(before)
     assert new and all(p.startswith((str(data / "features") + os.sep,

@@ -9,21 +9,20 @@ import numpy as np
 import pytest
 import torch
 
+import metric
+import tsv
 import utils
-from utils import BOS, EOS, PAD, DataError
+from sampler import NegativeSampler
+from tsv import DataError
+from utils import BOS, EOS, PAD
 
 
 def make_queries(texts, last, cluster, products, tokens=None):
-    """A hand-made queries dict with the fields of ``utils.load_info``."""
+    """A hand-made queries dict with the fields of ``utils.load_info`` the sampler reads."""
     tokens = tokens if tokens is not None else [t.split() for t in texts]
-    groups = {}
-    for i, w in enumerate(last):
-        groups.setdefault(w, []).append(i)
     return {"query_id": np.arange(len(texts), dtype=np.int64) + 1, "text": list(texts),
             "tokens": tokens, "products": [np.asarray(p, np.int64) for p in products],
-            "last_word": np.array(last, dtype=object),
-            "groups": {w: np.asarray(v, np.int64) for w, v in groups.items()},
-            "cluster": np.asarray(cluster, np.int64)}
+            "last_word": np.array(last, dtype=object), "cluster": np.asarray(cluster, np.int64)}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,8 @@ def shared_queries(queries):
     """tiny_world's queries made harder: chained product sharing and a duplicated text."""
     q = copy.deepcopy(queries)
     q["products"] = list(q["products"])  # a plain list of arrays: the other accepted form
-    for members in q["groups"].values():
+    for w in set(q["last_word"]):
+        members = np.flatnonzero(q["last_word"] == w)
         for a, b in zip(members[:-1], members[1:]):  # b also matches a's first product
             q["products"][b] = np.append(q["products"][b], q["products"][a][0])
     q["text"][1] = q["text"][0]
@@ -46,7 +46,7 @@ def shared_queries(queries):
 @pytest.mark.parametrize("fallback", ["cluster", "cluster_or_random"])
 def test_negatives_are_never_positives(world, fallback):
     queries = shared_queries(world[0])
-    sampler = utils.NegativeSampler(queries, fallback=fallback)
+    sampler = NegativeSampler(queries, fallback=fallback)
     rng = np.random.default_rng(0)
     sources = set()
     for qi in range(len(queries["query_id"])):
@@ -71,7 +71,7 @@ def ratio_queries():
 @pytest.mark.parametrize("fallback,want_last,want_cluster", [
     ("cluster", 0.8, 0.2), ("cluster_or_random", 0.8 + 0.1 * 9 / 59, 0.1 + 0.1 * 10 / 59)])
 def test_p_last_ratio(fallback, want_last, want_cluster):
-    sampler = utils.NegativeSampler(ratio_queries(), p_last=0.8, fallback=fallback)
+    sampler = NegativeSampler(ratio_queries(), p_last=0.8, fallback=fallback)
     rng = np.random.default_rng(1)
     draws = np.array([sampler.negative_query(0, rng) for _ in range(4000)])
     assert (draws != 0).all()
@@ -90,8 +90,8 @@ def test_degenerate_groups_fall_through():
     tokens = [t.split() for t in texts[:5]] + [[]]
     queries = make_queries(texts, ["x", "y", "y", "x", "x", "x"], [5, 6, 6, 7, 7, 7],
                            [[10], [11], [12], [13, 10], [14], [15]], tokens)
-    for fallback in utils.NegativeSampler.FALLBACKS:
-        sampler = utils.NegativeSampler(queries, fallback=fallback)
+    for fallback in NegativeSampler.FALLBACKS:
+        sampler = NegativeSampler(queries, fallback=fallback)
         rng = np.random.default_rng(2)
         got = {sampler.negative_query(0, rng) for _ in range(300)}
         assert got == {1, 2}
@@ -100,21 +100,21 @@ def test_degenerate_groups_fall_through():
 
 def test_two_queries_and_impossible_cases():
     two = make_queries(["a x", "b y"], ["x", "y"], [0, 1], [[1], [2]])
-    sampler = utils.NegativeSampler(two)
+    sampler = NegativeSampler(two)
     rng = np.random.default_rng(3)
     assert {sampler.negative_query(0, rng) for _ in range(50)} == {1}
     assert {sampler.negative_product(1, rng) for _ in range(50)} == {1}
     same = make_queries(["a x", "a x"], ["x", "x"], [0, 0], [[1], [2]])
     with pytest.raises(DataError, match="no possible negative"):
-        utils.NegativeSampler(same).negative_query(0, rng)
+        NegativeSampler(same).negative_query(0, rng)
     with pytest.raises(ValueError, match="at least 2 queries"):
-        utils.NegativeSampler(make_queries(["a x"], ["x"], [0], [[1]]))
+        NegativeSampler(make_queries(["a x"], ["x"], [0], [[1]]))
     with pytest.raises(ValueError, match="fallback"):
-        utils.NegativeSampler(two, fallback="random")
+        NegativeSampler(two, fallback="random")
 
 
 def test_sampler_is_deterministic(world):
-    sampler = utils.NegativeSampler(world[0], fallback="cluster_or_random")
+    sampler = NegativeSampler(world[0], fallback="cluster_or_random")
 
     def draws(seed):
         rng = np.random.default_rng(seed)
@@ -128,7 +128,7 @@ def test_sampler_is_deterministic(world):
 
 def test_pair_items(world):
     queries, vocab, store = world
-    ds = utils.PairDataset(queries, vocab, store, utils.NegativeSampler(queries), seed=5)
+    ds = utils.PairDataset(queries, vocab, store, NegativeSampler(queries), seed=5)
     assert len(ds) == sum(len(p) for p in queries["products"])
     assert sorted(zip(ds.pair_query.tolist(), ds.pair_product.tolist())) == sorted(
         (qi, int(p)) for qi, ps in enumerate(queries["products"]) for p in ps)
@@ -149,7 +149,7 @@ def test_pair_items(world):
 
 def test_pair_items_are_deterministic_per_seed_epoch_index(world):
     queries, vocab, store = world
-    sampler = utils.NegativeSampler(queries)
+    sampler = NegativeSampler(queries)
 
     def negatives(ds, idx):
         return [(ds[i]["nqi"], ds[i]["npid"]) for i in idx]
@@ -167,14 +167,14 @@ def test_pair_items_are_deterministic_per_seed_epoch_index(world):
 
 def test_same_batches_with_or_without_workers(world):
     queries, vocab, store = world
-    ds = utils.PairDataset(queries, vocab, store, utils.NegativeSampler(queries), seed=3)
+    ds = utils.PairDataset(queries, vocab, store, NegativeSampler(queries), seed=3)
     ds.set_epoch(2)
     batches = []
-    for workers in (0, 2):  # engine.fit's choice: workers send unpadded regions
+    for workers in (0, 2):  # the stages' choice: workers send unpadded regions
         loader = torch.utils.data.DataLoader(
             ds, batch_size=16, num_workers=workers,
             collate_fn=utils.collate_pairs_flat if workers else utils.collate_pairs)
-        batches.append([(b["qi"], b["nqi"], b["npid"], b["n_feats"], b["n_mask"])
+        batches.append([(b["qi"], b["q_tokens"], b["nq_tokens"], b["n_feats"], b["n_mask"])
                         for b in map(utils.unflatten, loader)])
     assert len(batches[0]) == len(batches[1]) == -(-len(ds) // 16)
     for x, y in zip(*batches):
@@ -190,7 +190,7 @@ def test_empty_queries_are_skipped(world, caplog, form):
     q["tokens"] = utils.Ragged.from_words(rows) if form == "ragged" else rows
     if form == "list":
         q["products"] = list(q["products"])
-    sampler = utils.NegativeSampler(q)
+    sampler = NegativeSampler(q)
     with caplog.at_level(logging.WARNING, logger="kddmm"):
         ds = utils.PairDataset(q, vocab, store, sampler)
     assert "skipped 2 of 150 queries" in caplog.text
@@ -207,7 +207,7 @@ def test_empty_queries_are_skipped(world, caplog, form):
 def test_flat_collate_unflattens_to_the_padded_batch(world):
     """Workers' unpadded batches, padded where they arrive, equal the padded collate exactly."""
     queries, vocab, store = world
-    ds = utils.PairDataset(queries, vocab, store, utils.NegativeSampler(queries), seed=3)
+    ds = utils.PairDataset(queries, vocab, store, NegativeSampler(queries), seed=3)
     items = [ds[i] for i in range(0, len(ds), 7)][:16]
     items.append(dict(items[0], p=(items[0]["p"][0][:1], items[0]["p"][1][:1])))  # 1 box
     padded = utils.collate_pairs(items)
@@ -221,12 +221,6 @@ def test_flat_collate_unflattens_to_the_padded_batch(world):
         assert v.dtype == back[k].dtype and torch.equal(v, back[k]), k
 
 
-def test_max_words_truncates(world):
-    queries, vocab, store = world
-    ds = utils.PairDataset(queries, vocab, store, max_words=2)
-    assert max(len(ds[i]["q"]) for i in range(len(ds))) == 2
-
-
 def _item(ids, n, nids=None, m=None):
     it = {"q": ids, "qi": len(ids), "pid": 100 + n,
           "p": (np.full((n, 5), 0.5, np.float32), np.ones((n, 4), np.float32))}
@@ -236,24 +230,25 @@ def _item(ids, n, nids=None, m=None):
     return it
 
 
+POSITIVE_KEYS = {"q_tokens", "qi", "p_boxes", "p_feats", "p_mask", "caption_in", "caption_out"}
+
+
 def test_collate_shapes_masks_and_caption():
     out = utils.collate_pairs([_item([5, 6, 7], 2), _item([8], 3)])
-    assert "nq_tokens" not in out and "n_feats" not in out
+    assert set(out) == POSITIVE_KEYS  # what the models read, nothing else
     assert out["q_tokens"].tolist() == [[5, 6, 7], [8, PAD, PAD]]
-    assert out["q_len"].tolist() == [3, 1] and out["qi"].tolist() == [3, 1]
-    assert out["pid"].tolist() == [102, 103]
+    assert out["qi"].tolist() == [3, 1]
     assert out["p_boxes"].shape == (2, 3, 5) and out["p_feats"].shape == (2, 3, 4)
     assert out["p_mask"].tolist() == [[True, True, False], [True, True, True]]
     assert out["p_feats"][0, 2].abs().sum() == 0 and out["p_boxes"][0, 2].abs().sum() == 0
     assert out["caption_in"].tolist() == [[BOS, 5, 6, 7], [BOS, 8, PAD, PAD]]
     assert out["caption_out"].tolist() == [[5, 6, 7, EOS], [8, EOS, PAD, PAD]]
-    assert out["caption_len"].tolist() == [4, 2]
     assert out["q_tokens"].dtype == out["caption_in"].dtype == torch.long
     assert out["p_mask"].dtype == torch.bool and out["p_feats"].dtype == torch.float32
 
     out = utils.collate_pairs([_item([5], 1, [4, 4], 1), _item([6], 1, [3], 4)])
-    assert out["nq_tokens"].tolist() == [[4, 4], [3, PAD]] and out["nq_len"].tolist() == [2, 1]
-    assert out["nqi"].tolist() == [9, 9] and out["npid"].tolist() == [201, 204]
+    assert set(out) == POSITIVE_KEYS | {"nq_tokens", "n_boxes", "n_feats", "n_mask"}
+    assert out["nq_tokens"].tolist() == [[4, 4], [3, PAD]]
     assert out["n_boxes"].shape == (2, 4, 5) and out["n_feats"].shape == (2, 4, 4)
     assert out["n_mask"].sum(1).tolist() == [1, 4]
 
@@ -261,7 +256,7 @@ def test_collate_shapes_masks_and_caption():
 def test_candidate_set_covers_every_candidate(tiny_world, world):
     vocab = world[1]
     path = os.path.join(tiny_world.data, "valid", "valid.tsv")
-    cands = utils.read_candidates(path)
+    cands = tsv.read_candidates(path)
     cs = utils.CandidateSet.from_tsv(path, vocab, max_boxes=3)
     assert len(cs) == len(cands) and sorted(cs.qids.tolist()) == cs.qids.tolist()
     want = {(q, r["product_id"]) for q, v in cands.items() for r in v["products"]}
@@ -280,11 +275,7 @@ def test_candidate_set_covers_every_candidate(tiny_world, world):
             assert cs.qids[b["pos"][k]] in [q for q, p in want if p == pid]
         seen += b["pids"].tolist()
     assert sorted(seen) == sorted(cs.pids.tolist())
-    qs = [b for b in cs.query_batches(5)]
-    assert torch.cat([b["qids"] for b in qs]).tolist() == cs.qids.tolist()
-    k = 3
-    assert qs[0]["tokens"][k, :qs[0]["lengths"][k]].tolist() == \
-        vocab.encode(utils.tokenize(cands[int(cs.qids[k])]["query"]))
+    assert cs.tokens == [vocab.encode(utils.tokenize(cands[q]["query"])) for q in cs.qids]
 
     preds = cs.predictions(np.arange(len(cs.pids), dtype=np.float32))
     assert set(preds) == set(cands) and sum(len(v) for v in preds.values()) == len(want)
@@ -294,44 +285,46 @@ def test_candidate_set_covers_every_candidate(tiny_world, world):
 
 def test_candidate_set_keeps_empty_queries(tiny_world, world):
     path = os.path.join(tiny_world.data, "valid", "valid.tsv")
-    cands = utils.read_candidates(path)
+    cands = tsv.read_candidates(path)
     q0 = min(cands)
     cands[q0]["query"] = "the for with"
     cs = utils.CandidateSet(cands, world[1])
     assert cs.qids[0] == q0 and cs.tokens[0] == []
-    b = next(cs.query_batches(4))
-    assert b["lengths"][0] == 0 and (b["tokens"][0] == PAD).all()
+    tokens, lengths = utils.pad_tokens(cs.tokens[:4])  # as the models' scoring pads them
+    assert lengths[0] == 0 and (tokens[0] == PAD).all()
     assert cs.offsets[1] == len(cands[q0]["products"])
 
 
 def test_write_predictions_round_trip(tmp_path):
     path = str(tmp_path / "out" / "valid.json")
     scores = {7: [(3, 0.5), (1, 0.5), (2, np.float32(0.9))], "8": [(10, -1.0), (4, 2.0)]}
-    utils.write_predictions(scores, path)
+    metric.write_predictions(scores, path)
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
     assert raw == {"7": [["2", pytest.approx(0.9)], ["1", 0.5], ["3", 0.5]],
                    "8": [["4", 2.0], ["10", -1.0]]}
-    back = utils.load_predictions(path)
-    assert [p for p, _ in back[7]] == utils.rank(scores[7]) == [2, 1, 3]
-    assert utils.ndcg_at_k(back, {7: {2}, 8: {4}}) == 1.0
+    back = metric.load_predictions(path)
+    assert list(back[7]) == metric.rank(scores[7]) == [2, 1, 3]
+    assert back[8] == {4: 2.0, 10: -1.0}
+    assert metric.ndcg_at_k({q: list(s.items()) for q, s in back.items()},
+                            {7: {2}, 8: {4}}) == 1.0
     assert os.listdir(tmp_path / "out") == ["valid.json"]
 
 
 @pytest.mark.parametrize("bad,msg", [(float("nan"), "NaN"), (float("inf"), "infinite")])
 def test_write_predictions_rejects_bad_scores(tmp_path, bad, msg):
     path = str(tmp_path / "p.json")
-    utils.write_predictions({1: [(5, 1.0)]}, path)
+    metric.write_predictions({1: [(5, 1.0)]}, path)
     with pytest.raises(DataError, match="query 2: product 9 .*%s" % msg):
-        utils.write_predictions({1: [(5, 1.0)], 2: [(8, 0.1), (9, bad)]}, path)
-    assert utils.load_predictions(path) == {1: [(5, 1.0)]}  # the old file is intact
+        metric.write_predictions({1: [(5, 1.0)], 2: [(8, 0.1), (9, bad)]}, path)
+    assert metric.load_predictions(path) == {1: {5: 1.0}}  # the old file is intact
     with pytest.raises(DataError, match="twice"):
-        utils.write_predictions({1: [(5, 1.0), (5, 2.0)]}, path)
+        metric.write_predictions({1: [(5, 1.0), (5, 2.0)]}, path)
+    assert os.listdir(tmp_path) == ["p.json"]  # no temporary file left
 
 
 def test_ragged_round_trip_and_pickle():
-    rows = [np.array([3, 1]), np.array([], np.int64), np.array([7])]
-    r = utils.Ragged.from_rows(rows)
+    r = utils.Ragged(np.array([3, 1, 7]), [0, 2, 2, 3])
     assert len(r) == 3 and [x.tolist() for x in r] == [[3, 1], [], [7]]
     assert r[-1].tolist() == [7] and r.lengths().tolist() == [2, 0, 1]
     words = utils.Ragged.from_words([["red", "dress"], [], ["red"]])
@@ -349,5 +342,5 @@ def test_dataset_same_from_ragged_and_lists(world):
     a, b = utils.PairDataset(queries, vocab, store), utils.PairDataset(as_lists, vocab, store)
     for name in ("pair_query", "pair_product", "tok_flat", "tok_off"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
-    sa, sb = utils.NegativeSampler(queries), utils.NegativeSampler(as_lists)
+    sa, sb = NegativeSampler(queries), NegativeSampler(as_lists)
     assert np.array_equal(sa.allowed, sb.allowed) and np.array_equal(sa.prod_flat, sb.prod_flat)

@@ -6,29 +6,29 @@ import pickle
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 import engine
+import prepare
 import utils
-from utils import DataError
+from tsv import DataError
 
-INFO_FILES = ["data.pkl", "queries.pkl", "vocab.json", "meta.json"]
+INFO_FILES = ["queries.pkl", "vocab.json", "meta.json"]
 
 
 @pytest.fixture(scope="module")
 def packs(tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("packs")
     fp32, fp16 = str(root / "fp32"), str(root / "fp16")
-    utils.main(["pack", "--features", tiny_world.features, "--info", tiny_world.info,
+    prepare.main(["pack", "--features", tiny_world.features, "--info", tiny_world.info,
                 "--out", fp32, "--no-progress"])
-    utils.pack(tiny_world.features, tiny_world.info, fp16, fp16=True, progress=False)
+    prepare.pack(tiny_world.features, tiny_world.info, fp16, fp16=True, progress=False)
     return fp32, fp16
 
 
 def _train_pids(info):
-    return pd.read_pickle(os.path.join(info, "data.pkl")).product_id.tolist()
+    return utils.load_info(info)[0]["products"].flat.tolist()
 
 
 @pytest.mark.parametrize("max_boxes", [None, 2])
@@ -78,21 +78,22 @@ def test_a_killed_pack_leaves_no_loadable_pack(tiny_world, packs, tmp_path, monk
     get = utils.ProductStore.get
     monkeypatch.setattr(utils.ProductStore, "get", dying_get)
     with pytest.raises(KeyboardInterrupt):
-        utils.pack(tiny_world.features, tiny_world.info, out, progress=False)
+        prepare.pack(tiny_world.features, tiny_world.info, out, progress=False)
     with pytest.raises(DataError, match="not found"):
         utils.PackedStore(out)
 
 
 def _preprocess_sharded(w, features, info, order, n):
     for i in order:
-        assert utils.preprocess(w.data, features, info, workers=1, progress=False,
-                                shard=(i, n)) is None
-    return utils.preprocess(w.data, features, info, merge=True, progress=False)
+        assert prepare.preprocess(w.data, features=features, info=info, workers=1,
+                                  progress=False, shard=(i, n)) is None
+    return prepare.preprocess(w.data, features=features, info=info, merge=True, progress=False)
 
 
 def test_union_of_shards_equals_a_plain_run_byte_for_byte(tiny_world, tmp_path):
     plain_f, plain_i = str(tmp_path / "pf"), str(tmp_path / "pi")
-    utils.preprocess(tiny_world.data, plain_f, plain_i, workers=2, progress=False)
+    prepare.preprocess(tiny_world.data, features=plain_f, info=plain_i, workers=2,
+                       progress=False)
     shard_f, shard_i = str(tmp_path / "sf"), str(tmp_path / "si")
     _preprocess_sharded(tiny_world, shard_f, shard_i, [2, 0, 1], 3)  # any order
     names = sorted(os.listdir(plain_f))
@@ -112,18 +113,18 @@ def test_shards_on_the_command_line(tiny_world, tmp_path):
     base = ["preprocess", "--data", tiny_world.data, "--features", feats, "--info", info,
             "--workers", "1", "--no-progress"]
     for i in range(2):
-        utils.main(base + ["--shard", "%d/2" % i])
+        prepare.main(base + ["--shard", "%d/2" % i])
     assert sorted(os.listdir(os.path.join(info, "parts"))) == [
         "part-00000-of-00002.pkl", "part-00001-of-00002.pkl"]
     assert not os.path.exists(os.path.join(info, "queries.pkl"))  # only the merge writes it
-    utils.main(base + ["--merge"])
+    prepare.main(base + ["--merge"])
     with open(os.path.join(info, "meta.json")) as f:
         assert json.load(f)["rows"] == 631
     for bad in ["2/2", "1", "a/3", "-1/2"]:
         with pytest.raises(SystemExit):
-            utils.parse_args(base + ["--shard", bad])
+            prepare.parse_args(base + ["--shard", bad])
     with pytest.raises(SystemExit):
-        utils.parse_args(base + ["--shard", "0/2", "--merge"])
+        prepare.parse_args(base + ["--shard", "0/2", "--merge"])
 
 
 def test_merge_refuses_missing_mixed_or_stale_parts(tiny_world, tmp_path):
@@ -131,20 +132,20 @@ def test_merge_refuses_missing_mixed_or_stale_parts(tiny_world, tmp_path):
     shutil.copytree(tiny_world.data, data, ignore=shutil.ignore_patterns("features"))
     feats, info = str(tmp_path / "f"), str(tmp_path / "i")
     with pytest.raises(DataError, match="no parts"):
-        utils.preprocess(data, feats, info, merge=True, progress=False)
-    utils.preprocess(data, feats, info, shard=(0, 3), progress=False)
-    utils.preprocess(data, feats, info, shard=(2, 3), progress=False)
+        prepare.preprocess(data, features=feats, info=info, merge=True, progress=False)
+    prepare.preprocess(data, features=feats, info=info, shard=(0, 3), progress=False)
+    prepare.preprocess(data, features=feats, info=info, shard=(2, 3), progress=False)
     with pytest.raises(DataError, match=r"shards \[1\] of 3 have not finished"):
-        utils.preprocess(data, feats, info, merge=True, progress=False)
-    utils.preprocess(data, feats, info, shard=(0, 2), progress=False)
+        prepare.preprocess(data, features=feats, info=info, merge=True, progress=False)
+    prepare.preprocess(data, features=feats, info=info, shard=(0, 2), progress=False)
     with pytest.raises(DataError, match="several --shard splits"):
-        utils.preprocess(data, feats, info, merge=True, progress=False)
+        prepare.preprocess(data, features=feats, info=info, merge=True, progress=False)
     os.remove(os.path.join(info, "parts", "part-00000-of-00002.pkl"))
-    utils.preprocess(data, feats, info, shard=(1, 3), progress=False)
+    prepare.preprocess(data, features=feats, info=info, shard=(1, 3), progress=False)
     path = os.path.join(data, "train", "train.tsv")
     os.truncate(path, os.path.getsize(path) - 1)  # the input changed since the shards ran
     with pytest.raises(DataError, match="rerun the shards"):
-        utils.preprocess(data, feats, info, merge=True, progress=False)
+        prepare.preprocess(data, features=feats, info=info, merge=True, progress=False)
 
 
 def test_a_bad_row_stops_its_shard_with_file_and_line(tiny_world, tmp_path):
@@ -158,12 +159,12 @@ def test_a_bad_row_stops_its_shard_with_file_and_line(tiny_world, tmp_path):
     lines[600] = "\t".join(cols)
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(lines)
-    feats, info = str(tmp_path / "f"), str(tmp_path / "i")
-    utils.preprocess(data, feats, info, shard=(0, 2), progress=False)  # the row is not in it
+    run = dict(features=str(tmp_path / "f"), info=str(tmp_path / "i"), progress=False)
+    prepare.preprocess(data, shard=(0, 2), **run)  # the row is not in it
     with pytest.raises(DataError, match=r"train.tsv:601: num_boxes"):
-        utils.preprocess(data, feats, info, shard=(1, 2), progress=False)
-    utils.preprocess(data, feats, info, shard=(1, 2), skip_bad=True, progress=False)
-    df = utils.preprocess(data, feats, info, merge=True, skip_bad=True, progress=False)
+        prepare.preprocess(data, shard=(1, 2), **run)
+    prepare.preprocess(data, shard=(1, 2), skip_bad=True, **run)
+    df = prepare.preprocess(data, merge=True, skip_bad=True, **run)
     assert len(df) == 630
 
 
@@ -247,7 +248,7 @@ def test_npz_writer_matches_numpy(tmp_path):
                   image_hw=np.array([5, 6]), empty=np.zeros((0, 4), np.float32),
                   big_endian=np.arange(4, dtype=">i4"), fortran=np.asfortranarray(np.eye(3)))
     path = str(tmp_path / "x.npz")
-    utils.save_npz_atomic(path, **arrays)
+    prepare.save_npz_atomic(path, **arrays)
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None and z.namelist() == [k + ".npy" for k in arrays]
         for k, v in arrays.items():

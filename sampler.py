@@ -1,0 +1,130 @@
+"""Hard negatives: for a query, another query (and one of its products) that looks alike
+but is not a match.
+
+A negative query shares the query's last word (the head noun, usually) with probability
+``p_last``, else comes from the query's K-Means cluster (model1) or, half and half, from
+the cluster or from all queries (model2). Reads only the numpy arrays of ``info/``.
+"""
+import numpy as np
+
+from tsv import DataError
+from utils import Ragged, ragged_parts
+
+
+def _groups(labels, members):
+    """labels (Q,) any hashable, members: sorted query indices to keep ->
+    (group id (Q,), flat members sorted ascending within each group, offsets (G + 1,))."""
+    _, gid = np.unique(np.asarray(labels), return_inverse=True)
+    gid = gid.reshape(-1).astype(np.int64)
+    flat = members[np.argsort(gid[members], kind="stable")]
+    off = np.zeros(gid.max() + 2 if len(gid) else 1, np.int64)
+    np.cumsum(np.bincount(gid[members], minlength=len(off) - 1), out=off[1:])
+    return gid, flat, off
+
+
+def _pick(members, exclude, rng):
+    """A uniform draw from ``members`` (sorted) minus ``exclude`` (sorted, unique), or None.
+
+    Exact and loop-free in the group size: the r-th allowed member is found by skipping the
+    excluded positions, so a group holding only excluded queries costs nothing to detect.
+    """
+    if len(members) == 0:
+        return None
+    idx = np.searchsorted(members, exclude)
+    hit = idx[(idx < len(members)) & (members[np.minimum(idx, len(members) - 1)] == exclude)]
+    n = len(members) - len(hit)
+    if n <= 0:
+        return None
+    r = int(rng.integers(n))
+    for h in hit:  # ascending
+        if h > r:
+            break
+        r += 1
+    return int(members[r])
+
+
+class NegativeSampler:
+    """Hard negative queries and products, from numpy arrays only.
+
+    With probability ``p_last`` a negative query shares the query's last word; otherwise it
+    comes from the query's K-Means cluster (``fallback="cluster"``, model1) or, half and
+    half, from the cluster or from all queries (``"cluster_or_random"``, model2). A group
+    with no allowed query falls through to the other group, then to all queries. Allowed:
+    another text, no product in common with the query, at least one token and one product.
+    Everything lives in flat arrays plus offsets, so forked DataLoader workers share the
+    pages instead of touching (and copying) millions of Python objects.
+    """
+
+    FALLBACKS = ("cluster", "cluster_or_random")
+
+    def __init__(self, queries, p_last=0.8, fallback="cluster"):
+        if fallback not in self.FALLBACKS:
+            raise ValueError("fallback must be one of %s, got %r" % (self.FALLBACKS, fallback))
+        if not 0.0 <= p_last <= 1.0:
+            raise ValueError("p_last must lie in [0, 1], got %r" % p_last)
+        Q = len(queries["query_id"])
+        if Q < 2:
+            raise ValueError("negative sampling needs at least 2 queries, got %d" % Q)
+        self.p_last, self.fallback = float(p_last), fallback
+        self.prod_flat, self.prod_off = ragged_parts(queries["products"])
+        ok = np.diff(self.prod_off) > 0
+        tokens = queries.get("tokens")
+        if isinstance(tokens, Ragged):
+            ok &= tokens.lengths() > 0
+        elif tokens is not None:
+            ok &= np.array([len(t) > 0 for t in tokens], bool)
+        self.allowed = np.flatnonzero(ok)
+        everyone = np.arange(Q)
+        self.last_id, self.last_flat, self.last_off = _groups(
+            np.asarray(queries["last_word"], dtype=object).astype(str), self.allowed)
+        self.clu_id, self.clu_flat, self.clu_off = _groups(queries["cluster"], self.allowed)
+        self.text_id, self.text_flat, self.text_off = _groups(
+            np.asarray(queries["text"], dtype=object).astype(str), everyone)
+        # product -> the queries it is a positive of (real data may share products)
+        owner = np.repeat(everyone, np.diff(self.prod_off))
+        order = np.argsort(self.prod_flat, kind="stable")
+        self.pids, counts = np.unique(self.prod_flat[order], return_counts=True)
+        self.owner_flat = owner[order]
+        self.owner_off = np.concatenate([[0], np.cumsum(counts)])
+
+    def _excluded(self, qi):
+        """Sorted queries that cannot be qi's negative: itself, same text, shared products."""
+        ks = np.searchsorted(self.pids, self.prod_flat[self.prod_off[qi]:self.prod_off[qi + 1]])
+        t = self.text_id[qi]
+        parts = [self.owner_flat[self.owner_off[k]:self.owner_off[k + 1]] for k in ks]
+        parts += [self.text_flat[self.text_off[t]:self.text_off[t + 1]], [qi]]
+        return np.unique(np.concatenate(parts).astype(np.int64))
+
+    def _members(self, name, qi):
+        if name == "last":
+            g = self.last_id[qi]
+            return self.last_flat[self.last_off[g]:self.last_off[g + 1]]
+        g = self.clu_id[qi]
+        return self.clu_flat[self.clu_off[g]:self.clu_off[g + 1]]
+
+    def negative_query(self, qi, rng):
+        """A query index != qi, drawn as the class docstring says; rng: np.random.Generator."""
+        qi = int(qi)
+        u = rng.random()
+        if u < self.p_last:
+            order = ("last", "cluster")
+        elif self.fallback == "cluster" or u < (1.0 + self.p_last) / 2:
+            order = ("cluster", "last")
+        else:
+            order = ()
+        exclude = self._excluded(qi)
+        for name in order:
+            j = _pick(self._members(name, qi), exclude, rng)
+            if j is not None:
+                return j
+        j = _pick(self.allowed, exclude, rng)
+        if j is None:
+            raise DataError("query index %d has no possible negative: every other query shares "
+                            "its text or a product, or has no tokens" % qi)
+        return j
+
+    def negative_product(self, qi, rng):
+        """A product id of a fresh negative query; never a positive of qi."""
+        j = self.negative_query(qi, rng)
+        a, b = self.prod_off[j], self.prod_off[j + 1]
+        return int(self.prod_flat[a + rng.integers(b - a)])

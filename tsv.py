@@ -1,0 +1,178 @@
+"""The competition's TSV format: the columns, one row parsed and checked, candidate splits.
+
+Every split of a data root is a TSV with a header row and the nine ``COLUMNS``; ``boxes``,
+``features`` and ``class_labels`` are base64 arrays (docs/data.md). Only the standard library
+and numpy: the generator, the preprocessing workers and every stage read the format here.
+"""
+import base64
+import binascii
+import logging
+import math
+import sys
+
+import numpy as np
+
+FEAT_DIM = 2048
+N_CLASSES = 33
+COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "boxes", "features",
+           "class_labels", "query", "query_id"]
+log = logging.getLogger("kddmm")
+
+
+class DataError(ValueError):
+    """Bad input; the message names the file, the line and the reason."""
+
+
+if sys.version_info >= (3, 11):  # what b64decode(validate=True) runs, minus its copy of views
+    def _b64(field):
+        return binascii.a2b_base64(field, strict_mode=True)
+else:
+    def _b64(field):
+        return base64.b64decode(bytes(field) if isinstance(field, memoryview) else field,
+                                validate=True)
+
+
+def _decode(field, dtype, shape, name):
+    try:
+        raw = _b64(field)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError("column %s is not valid base64 (%s)" % (name, e)) from None
+    want = math.prod(shape) * np.dtype(dtype).itemsize
+    if len(raw) != want:
+        raise ValueError("column %s decodes to %d bytes, num_boxes implies %d"
+                         % (name, len(raw), want))
+    return np.frombuffer(raw, dtype).reshape(shape)
+
+
+def _ascii(v):
+    return v.decode("ascii", "replace") if isinstance(v, bytes) else v
+
+
+def _split_tabs(line):
+    """bytes -> memoryview slices between tabs: no copy of the 40 KB of base64 in a row
+    (``bytes.split`` copies it, a large part of parsing a row)."""
+    view, out, start = memoryview(line), [], 0
+    while True:
+        end = line.find(b"\t", start)
+        if end < 0:
+            out.append(view[start:])
+            return out
+        out.append(view[start:end])
+        start = end + 1
+
+
+def parse_row(line, with_arrays=True):
+    """One TSV line (str or bytes, without its newline) -> dict; raises ValueError with the
+    reason. Given bytes, only the query column is decoded to text (the fast path)."""
+    raw = isinstance(line, (bytes, bytearray))
+    cols = _split_tabs(line) if raw else line.split("\t")
+    if len(cols) != len(COLUMNS):
+        raise ValueError("expected %d tab-separated columns, found %d" % (len(COLUMNS), len(cols)))
+    pid, h, w, n, boxes, feats, labels, query, qid = cols
+    if raw:  # the short columns as bytes; the base64 ones stay views into the line
+        pid, h, w, n, query, qid = map(bytes, (pid, h, w, n, query, qid))
+    for name, v in (("product_id", pid), ("image_h", h), ("image_w", w), ("num_boxes", n),
+                    ("query_id", qid)):
+        if not v.isdigit() or not v.isascii():
+            raise ValueError("%s must be a non-negative integer, got %r" % (name, _ascii(v[:40])))
+    n, h, w = int(n), int(h), int(w)
+    if n < 1:
+        raise ValueError("num_boxes must be >= 1, got %d" % n)
+    if h < 1 or w < 1:
+        raise ValueError("image size must be positive, got %dx%d" % (h, w))
+    if raw:
+        try:
+            query = query.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError("query is not UTF-8 (%s)" % e.reason) from None
+    if not query.strip():
+        raise ValueError("empty query")
+    row = {"product_id": int(pid), "image_h": h, "image_w": w, "num_boxes": n,
+           "query": query, "query_id": int(qid)}
+    if with_arrays:
+        b = _decode(boxes, np.float32, (n, 4), "boxes")
+        f = _decode(feats, np.float32, (n, FEAT_DIM), "features")
+        c = _decode(labels, np.int64, (n,), "class_labels")
+        if not np.isfinite(f).all() or not np.isfinite(b).all():
+            raise ValueError("features or boxes contain NaN or infinity")
+        if c.min() < 0 or c.max() >= N_CLASSES:
+            raise ValueError("class label outside 0..%d" % (N_CLASSES - 1))
+        tol = 1.0  # detectors emit boxes a pixel past the border
+        top, left, bottom, right = b.T  # whole-column reductions: few numpy calls per row
+        if ((bottom < top).any() or (right < left).any() or b[:, :2].min() < -tol
+                or bottom.max() > h + tol or right.max() > w + tol):
+            raise ValueError("box outside the %dx%d image or with bottom<top / right<left" % (h, w))
+        row.update(boxes=b, features=f, class_labels=c)
+    return row
+
+
+def iter_lines(path, start=0, end=None, raw=False):
+    """Yield (byte offset, text) of the data lines whose first byte lies in [start, end).
+
+    text is None for a truncated last line, a ValueError for a line that is not UTF-8, and
+    with ``raw`` the line's bytes (not decoded: ``parse_row`` decodes only the query).
+    """
+    with open(path, "rb") as f:
+        if start == 0:
+            header = f.readline().rstrip(b"\r\n").decode("utf-8", "replace").split("\t")
+            if header[:1] != ["product_id"]:
+                raise DataError("%s:1: missing header row (got %r)" % (path, header[:3]))
+        else:
+            f.seek(start - 1)
+            f.readline()  # finish the line that straddles the boundary
+        pos = f.tell()
+        while end is None or pos < end:
+            line = f.readline()
+            if not line:
+                return
+            if not line.endswith(b"\n"):
+                yield pos, None  # truncated last line
+                return
+            text = line.rstrip(b"\r\n")
+            if not raw:
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    text = ValueError("not UTF-8 (%s)" % e.reason)
+            yield pos, text
+            pos += len(line)
+
+
+def line_number(path, offset):
+    """1-based line number of the line starting at byte ``offset`` (counted on demand)."""
+    n, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            chunk = f.read(min(1 << 24, offset - done))
+            n += chunk.count(b"\n")
+            done += len(chunk)
+    return n
+
+
+def read_candidates(path, skip_bad=False):
+    """Read a valid/test TSV -> {query_id: {"query": str, "products": [row dicts]}}.
+
+    Candidate splits are small (about 15k rows) and read directly, as the original did.
+    """
+    out, bad = {}, []
+    for off, text in iter_lines(path):
+        try:
+            if text is None:
+                raise ValueError("truncated last line")
+            if isinstance(text, Exception):
+                raise text
+            row = parse_row(text)
+        except ValueError as e:
+            msg = "%s:%d: %s" % (path, line_number(path, off), e)
+            if not skip_bad:
+                raise DataError(msg) from None
+            bad.append(msg)
+            continue
+        q = out.setdefault(row["query_id"], {"query": row["query"], "products": []})
+        if q["query"] != row["query"]:
+            raise DataError("%s:%d: query_id %d has two different texts"
+                            % (path, line_number(path, off), row["query_id"]))
+        q["products"].append(row)
+    if bad:
+        log.warning("%s: skipped %d bad rows:\n  %s", path, len(bad), "\n  ".join(bad[:20]))
+    return out
