@@ -9,6 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# one thread per process, as torchrun gives each rank: with two, a machine busy with other
+# jobs stalls every GRU step (bench/README.md, section 3), and the fast tier with it
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 SLOW_FILES = {"test_learning.py", "test_pipeline.py", "test_stages.py"}
 
 

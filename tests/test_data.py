@@ -227,6 +227,7 @@ def test_truncated_last_line_and_crlf(tmp_path):
                                 progress=False)) == 4
 
 
+@pytest.mark.slow
 def test_cli_preprocess_and_missing_file(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "preprocess", "--data",
                         str(tmp_path / "nope"), "--info", str(tmp_path / "i")],
@@ -234,6 +235,7 @@ def test_cli_preprocess_and_missing_file(tmp_path):
     assert r.returncode != 0 and "train.tsv: not found" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_preprocess_info_loads_anywhere(tiny_world, tmp_path):
     """`python prepare.py preprocess` writes an info/ that plain pickle loads without this
     project, and that load_info reads as the in-process run's."""

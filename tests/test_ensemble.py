@@ -290,6 +290,7 @@ def test_main_cli(pred_world, capsys):
         ensemble.main(["--pred-dir", str(tmp), "--valid-answers", str(tmp / "x.json")])
 
 
+@pytest.mark.slow
 def test_notebook_runs_unedited(pred_world):
     import nbformat
     nb = nbformat.read(os.path.join(ROOT, "ensemble.ipynb"), as_version=4)

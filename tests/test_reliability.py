@@ -102,6 +102,7 @@ def test_bad_train_row_is_an_error_or_skipped_with_a_count(tmp_path, caplog, cas
     assert not os.path.exists(os.path.join(data, "features", "100000008.npz"))
 
 
+@pytest.mark.slow
 def test_cli_bad_row_exits_non_zero_naming_file_and_line(tmp_path):
     data, info = str(tmp_path / "d"), str(tmp_path / "i")
     rows = [_row(100000001 + i) for i in range(9)]
@@ -261,6 +262,7 @@ def _other_vocab_export(pre, path):
     return path
 
 
+@pytest.mark.slow
 def test_model2_crash_mid_epoch_then_resume_equals_uninterrupted(m2, pre, tiny_world, tmp_path,
                                                                  monkeypatch):
     out = str(tmp_path / "m2")
@@ -278,6 +280,7 @@ def test_model2_crash_mid_epoch_then_resume_equals_uninterrupted(m2, pre, tiny_w
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_checkpoint_or_export_of_another_vocabulary_is_refused(pre, m2, tiny_world, tmp_path):
     other = _other_vocab_export(pre, str(tmp_path / "other.pt"))
     with pytest.raises(DataError, match="another vocabulary"):  # export vs info/
@@ -314,6 +317,7 @@ def _edit_valid(tiny_world, root, edit):
     return root
 
 
+@pytest.mark.slow
 def test_validation_ranks_stopword_queries_and_skips_bad_rows(m2, pre, tiny_world, tmp_path,
                                                               caplog):
     """A stopword-only query still gets every candidate scored; a NaN row (an answer) is an
@@ -360,6 +364,7 @@ def test_validation_ranks_stopword_queries_and_skips_bad_rows(m2, pre, tiny_worl
         ml_validation.make_evaluator(args, vocab)(model)["valid_ndcg5"]
 
 
+@pytest.mark.slow
 def test_validation_query_with_answers_but_no_candidates_is_an_error(m2, tiny_world, tmp_path):
     gone = min(tsv.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv")))
     data = _edit_valid(tiny_world, str(tmp_path / "d"),
@@ -369,6 +374,7 @@ def test_validation_query_with_answers_but_no_candidates_is_an_error(m2, tiny_wo
                             "--split", "valid", "--out", str(tmp_path / "pred")])
 
 
+@pytest.mark.slow
 def test_every_model_ranks_a_stopword_only_query(pre, tiny_world):
     """model1 (all candidates tie: product id order), model2 (reads <unk>) and the
     pretraining score (0 for all) give every candidate a finite score."""
@@ -440,6 +446,7 @@ def _tree(folder):
     return out
 
 
+@pytest.mark.slow
 def test_preprocess_killed_half_way_then_rerun_is_byte_identical(tiny_world, tmp_path):
     """SIGKILL with a third of the products written, rerun: features/ and info/ equal a
     clean run's byte for byte (no torn file, no leftover temporary)."""
@@ -490,6 +497,7 @@ def _torchrun(args, tmp_path, fault, restarts=0, timeout=300):
     return r, time.time() - t0
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tiny_world, tmp_path):
     """Rank 1 vanishes (os._exit) mid-epoch 1; torchrun --max-restarts=1 restarts both
     ranks, which resume from last.pt by themselves and finish both epochs."""
@@ -505,6 +513,7 @@ def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tiny_world, tm
     assert utils.load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_raising_rank_stops_the_whole_job_quickly(tiny_world, tmp_path):
     """Rank 1 raises while rank 0 waits in a collective: non-zero exit, the error in the
     output, well within the bound (no hang)."""
@@ -528,6 +537,7 @@ class _Payload:
         return open, (self.path, "w")
 
 
+@pytest.mark.slow
 def test_checkpoints_and_exports_are_plain_and_objects_are_refused(pre, m2, tmp_path):
     for path in (os.path.join(pre, "last.pt"), os.path.join(pre, "encoder.pt"),
                  os.path.join(m2, "last.pt"), os.path.join(m2, "best.pt")):
@@ -546,6 +556,7 @@ def _snapshot(folder):
             for d, _, names in os.walk(folder) for n in names}
 
 
+@pytest.mark.slow
 def test_nothing_is_written_outside_the_given_folders(tmp_path, tiny_world, pre):
     """Product ids that are paths ('../x', '/abs', '..\\y') are bad rows, never file names;
     preprocessing writes only under features/ and info/, training only under --out."""

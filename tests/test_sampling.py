@@ -165,6 +165,7 @@ def test_pair_items_are_deterministic_per_seed_epoch_index(world):
         negatives(utils.PairDataset(queries, vocab, store, sampler, seed=1), idx)
 
 
+@pytest.mark.slow
 def test_same_batches_with_or_without_workers(world):
     queries, vocab, store = world
     ds = utils.PairDataset(queries, vocab, store, NegativeSampler(queries), seed=3)

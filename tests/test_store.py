@@ -90,6 +90,7 @@ def _preprocess_sharded(w, features, info, order, n):
     return prepare.preprocess(w.data, features=features, info=info, merge=True, progress=False)
 
 
+@pytest.mark.slow
 def test_union_of_shards_equals_a_plain_run_byte_for_byte(tiny_world, tmp_path):
     plain_f, plain_i = str(tmp_path / "pf"), str(tmp_path / "pi")
     prepare.preprocess(tiny_world.data, features=plain_f, info=plain_i, workers=2,
@@ -173,6 +174,7 @@ def _log(out):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_every_stage_trains_the_same_from_either_store(tiny_world, packs, tmp_path):
     from model1 import train as m1_train
     from multilabel import export_model, train as ml_train
