@@ -25,10 +25,16 @@ def train_parser(description, presets):
     g.add_argument("--export", default=DEFAULT_EXPORT, help="multilabel/export_model.py output")
     g.add_argument("--lr-text", type=float, help="learning rate of the text side")
     g.add_argument("--lr-image", type=float, help="learning rate of pooling + output MLP")
+    g.add_argument("--lr-trunk", type=float,
+                   help="fine-tune the pretrained trunk at this learning rate (published: "
+                        "frozen)")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--gamma", type=float, help="learning-rate decay per epoch")
     g.add_argument("--p-last", type=float, default=0.8,
                    help="probability that a negative query shares the last word")
+    g.add_argument("--p-near", type=float,
+                   help="probability that a negative query is one word apart (a changed or "
+                        "swapped attribute) before the published draw; published: 0")
     g.add_argument("--eval-split", default="valid")
     g.add_argument("--no-eval", action="store_true")
     return p
@@ -45,11 +51,16 @@ def build(stage, args, vocab=None):
 
 
 def param_groups(model, args):
-    """Image side (pooling + output MLP) at lr_image, everything else trainable at lr_text."""
-    image = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
-    text = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    """Image side (pooling + output MLP) at lr_image, everything else trainable at lr_text;
+    the trunk, when it is tuned at all, at lr_trunk."""
+    named = list(model.named_parameters())
+    trunk = [p for n, p in named if n.startswith("encoder.trunk.")]
+    image = [p for n, p in named if n.startswith("encoder.") and not n.startswith("encoder.trunk.")]
+    text = [p for n, p in named if not n.startswith("encoder.")]
     return [dict(params=image, lr=args.lr_image, weight_decay=args.weight_decay),
-            dict(params=text, lr=args.lr_text, weight_decay=args.weight_decay)]
+            dict(params=text, lr=args.lr_text, weight_decay=args.weight_decay),
+            dict(params=trunk, lr=getattr(args, "lr_trunk", None) or 0.0,
+                 weight_decay=args.weight_decay)]
 
 
 @torch.no_grad()
@@ -90,7 +101,7 @@ def train_main(stage, argv, description, fallback):
     queries, vocab = utils.load_info(args.info)
     model, _ = build(stage, args, vocab)
     store = engine.build_store(args)
-    negatives = sampler.NegativeSampler(queries, args.p_last, fallback)
+    negatives = sampler.NegativeSampler(queries, args.p_last, fallback, args.p_near)
     dataset = utils.PairDataset(queries, vocab, store, negatives, seed=args.seed)
     evaluate = None if args.no_eval else make_evaluator(args, vocab)
     # the vocabulary the frozen embeddings index: checked on resume and in load_trained

@@ -8,6 +8,8 @@
 #   STORE     packed (default: `prepare.py pack` after preprocessing, one memory-mapped file)
 #             or npz (read the per-product .npz files of preprocessing directly)
 #   WORKERS   DataLoader workers per process (default 0 with the packed store, 1 with npz)
+#   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS  extra flags of one stage's train.py
+#             (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA_DIR=${DATA_DIR:-data/small}
@@ -50,11 +52,15 @@ stage preprocess python prepare.py preprocess --data "$DATA_DIR" --info "$OUT_DI
 if [ "$STORE" = packed ]; then
   stage pack python prepare.py pack --features "$DATA_DIR/features" --info "$OUT_DIR/info" --out "$PACKED" --no-progress
 fi
-stage multilabel_train "${TRAIN[@]}" multilabel/train.py "${COMMON[@]}" --out "$OUT_DIR/multilabel"
+read -ra MULTILABEL_EXTRA <<< "${MULTILABEL_ARGS:-}"
+read -ra MODEL1_EXTRA <<< "${MODEL1_ARGS:-}"
+read -ra MODEL2_EXTRA <<< "${MODEL2_ARGS:-}"
+stage multilabel_train "${TRAIN[@]}" multilabel/train.py "${COMMON[@]}" "${MULTILABEL_EXTRA[@]}" --out "$OUT_DIR/multilabel"
 stage multilabel_export python multilabel/export_model.py --ckpt "$OUT_DIR/multilabel/best.pt" --out "$OUT_DIR/multilabel/encoder.pt"
 stage multilabel_validation python multilabel/validation.py --ckpt "$OUT_DIR/multilabel/best.pt" --data "$DATA_DIR" --captions 5
 for m in model1 model2; do
-  stage ${m}_train "${TRAIN[@]}" $m/train.py "${COMMON[@]}" --export "$OUT_DIR/multilabel/encoder.pt" --out "$OUT_DIR/$m"
+  extra=MODEL${m#model}_EXTRA[@]
+  stage ${m}_train "${TRAIN[@]}" $m/train.py "${COMMON[@]}" "${!extra}" --export "$OUT_DIR/multilabel/encoder.pt" --out "$OUT_DIR/$m"
   stage ${m}_validation python $m/validation.py --ckpt "$OUT_DIR/$m/best.pt" --data "$DATA_DIR" --split valid --split testB --out "$PRED"
 done
 TEST_ANS="$DATA_DIR/testB/testB_answer.json"; [ -f "$TEST_ANS" ] || TEST_ANS=""

@@ -3,7 +3,10 @@ but is not a match.
 
 A negative query shares the query's last word (the head noun, usually) with probability
 ``p_last``, else comes from the query's K-Means cluster (model1) or, half and half, from
-the cluster or from all queries (model2). Reads only the numpy arrays of ``info/``.
+the cluster or from all queries (model2). Beyond the published method, a share ``p_near``
+of the negatives can come first from the queries one word apart (``near_groups``): the
+changed or swapped attributes a candidate list is full of. Reads only the numpy arrays of
+``info/``.
 """
 import numpy as np
 
@@ -43,6 +46,41 @@ def _pick(members, exclude, rng):
     return int(members[r])
 
 
+def near_groups(tokens, allowed):
+    """Groups of queries one word apart: the same words in another order (an attribute
+    bound to the other garment) or one word replaced (a colour changed).
+
+    tokens: Q word lists; allowed: sorted query indices that may be drawn. Two queries share
+    a group when their sorted words are equal, or equal once one word is taken from each.
+    -> (member flat, member offsets (G + 1,), groups-of-query flat, offsets (Q + 1,));
+    groups with fewer than two members are dropped.
+    """
+    keys, pairs = {}, []
+    ok = np.zeros(len(tokens), bool)
+    ok[allowed] = True
+    for q, ts in enumerate(tokens):
+        s = tuple(sorted(ts))
+        mine = {("=",) + s} | {("-",) + s[:i] + s[i + 1:] for i in range(len(s))} if s else set()
+        pairs += [(keys.setdefault(k, len(keys)), q) for k in mine]
+    if not pairs:
+        return (np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64),
+                np.zeros(len(tokens) + 1, np.int64))
+    g, q = np.array(pairs, np.int64).T
+    size = np.bincount(g[ok[q]], minlength=len(keys))
+    keep = size[g] >= 2
+    g, q = g[keep], q[keep]
+    _, g = np.unique(g, return_inverse=True)
+    g = g.reshape(-1)
+    order = np.lexsort((q, g))
+    members = q[order][ok[q[order]]]
+    m_off = np.zeros(g.max() + 2 if len(g) else 1, np.int64)
+    np.cumsum(np.bincount(g[order][ok[q[order]]], minlength=len(m_off) - 1), out=m_off[1:])
+    order = np.lexsort((g, q))
+    q_off = np.zeros(len(tokens) + 1, np.int64)
+    np.cumsum(np.bincount(q, minlength=len(tokens)), out=q_off[1:])
+    return members, m_off, g[order], q_off
+
+
 class NegativeSampler:
     """Hard negative queries and products, from numpy arrays only.
 
@@ -51,13 +89,14 @@ class NegativeSampler:
     half, from the cluster or from all queries (``"cluster_or_random"``, model2). A group
     with no allowed query falls through to the other group, then to all queries. Allowed:
     another text, no product in common with the query, at least one token and one product.
-    Everything lives in flat arrays plus offsets, so forked DataLoader workers share the
+    With ``p_near`` > 0, a draw first tries, with that probability, the queries one word
+    apart (``near_groups``), falling through to the published draw. Everything lives in flat arrays plus offsets, so forked DataLoader workers share the
     pages instead of touching (and copying) millions of Python objects.
     """
 
     FALLBACKS = ("cluster", "cluster_or_random")
 
-    def __init__(self, queries, p_last=0.8, fallback="cluster"):
+    def __init__(self, queries, p_last=0.8, fallback="cluster", p_near=0.0):
         if fallback not in self.FALLBACKS:
             raise ValueError("fallback must be one of %s, got %r" % (self.FALLBACKS, fallback))
         if not 0.0 <= p_last <= 1.0:
@@ -65,7 +104,9 @@ class NegativeSampler:
         Q = len(queries["query_id"])
         if Q < 2:
             raise ValueError("negative sampling needs at least 2 queries, got %d" % Q)
-        self.p_last, self.fallback = float(p_last), fallback
+        if not 0.0 <= p_near <= 1.0:
+            raise ValueError("p_near must lie in [0, 1], got %r" % p_near)
+        self.p_last, self.fallback, self.p_near = float(p_last), fallback, float(p_near)
         self.prod_flat, self.prod_off = ragged_parts(queries["products"])
         ok = np.diff(self.prod_off) > 0
         tokens = queries.get("tokens")
@@ -86,6 +127,18 @@ class NegativeSampler:
         self.pids, counts = np.unique(self.prod_flat[order], return_counts=True)
         self.owner_flat = owner[order]
         self.owner_off = np.concatenate([[0], np.cumsum(counts)])
+        if self.p_near:
+            self.near_flat, self.near_off, self.near_of, self.near_of_off = near_groups(
+                [list(t) for t in tokens], self.allowed)
+
+    def _near(self, qi, exclude, rng):
+        """A query one word apart from qi (a random one of its groups first), or None."""
+        gs = self.near_of[self.near_of_off[qi]:self.near_of_off[qi + 1]]
+        for g in rng.permutation(gs):
+            j = _pick(self.near_flat[self.near_off[g]:self.near_off[g + 1]], exclude, rng)
+            if j is not None:
+                return j
+        return None
 
     def _excluded(self, qi):
         """Sorted queries that cannot be qi's negative: itself, same text, shared products."""
@@ -105,6 +158,10 @@ class NegativeSampler:
     def negative_query(self, qi, rng):
         """A query index != qi, drawn as the class docstring says; rng: np.random.Generator."""
         qi = int(qi)
+        if self.p_near and rng.random() < self.p_near:
+            j = self._near(qi, self._excluded(qi), rng)
+            if j is not None:
+                return j
         u = rng.random()
         if u < self.p_last:
             order = ("last", "cluster")

@@ -110,17 +110,50 @@ ZH = {
     "with": "搭配",
 }
 
-PRESETS = {  # train queries (rows ≈ 4.5 per query), candidate queries per test split
-    "tiny": dict(train_queries=150, eval_queries=16),
-    "small": dict(train_queries=3000, eval_queries=200),
-    "large": dict(train_queries=55000, eval_queries=1000),
+# The world's knobs. ``None`` means "the default world's behaviour, scaled by --difficulty".
+KNOBS = dict(
+    noise=None,          # sigma of Gaussian noise on every dimension, then clipped at 0
+                         # (None: |N(0, 0.25 d)| added, never clipped)
+    subspace=0,          # > 0: each attribute kind owns this many dimensions, shared by all
+                         # its values (0: every value has its own 48 random dimensions)
+    attr_weight=0.7,     # weight of an attribute's signature in a region (audience: half)
+    magnitude=None,      # (lo, hi): one uniform scale per picture (None: log-normal per region)
+    visible=None,        # probability a picture shows an attribute (None: 1 - 0.12 d)
+    label_noise=None,    # probability a detector label is wrong (None: 0.12 d)
+    partial=None,        # (lo, hi): extra regions that are partial copies of the main object
+                         # (None: crops, nuisances and background, 3.8 boxes on average)
+    fillers=(0, 4),      # (lo, hi) filler words per query, hi exclusive
+    fillers_first=False, # filler words lead the query (else anywhere before the head noun)
+    two_objects=0.2,     # share of queries naming two garments
+    two_attrs=False,     # each garment of a two-garment query has its own attributes
+                         # (else one colour each)
+    negatives=(0.65, 0.22, 0.13),  # shares of hard / look-alike / random negatives
+    swap=0.5,            # share of two-garment hard negatives that swap the attributes
+)
+WORLDS = {
+    "default": {},
+    # features where no dimension carries the signal alone, fine-grained attributes,
+    # attribute-binding queries and mostly one-attribute-away negatives
+    "hard": dict(noise=0.5, subspace=96, attr_weight=0.45, magnitude=(0.6, 1.4), visible=0.85,
+                 label_noise=0.1, partial=(0, 20), fillers=(0, 3), fillers_first=True,
+                 two_objects=1 / 3, two_attrs=True, negatives=(0.75, 0.15, 0.10)),
+}
+PRESETS = {  # train queries (rows ~ 4.5 per query), candidate queries per test split, world
+    "tiny": dict(train_queries=150, eval_queries=16, world="default"),
+    "small": dict(train_queries=3000, eval_queries=200, world="default"),
+    "large": dict(train_queries=55000, eval_queries=1000, world="default"),
+    "hard": dict(train_queries=4400, eval_queries=200, world="hard"),
 }
 
 
 class World:
     """The hidden visual signatures and the sampling of products and queries."""
 
-    def __init__(self, seed, difficulty=1.0, lang="en"):
+    def __init__(self, seed, difficulty=1.0, lang="en", **knobs):
+        unknown = set(knobs) - set(KNOBS)
+        if unknown:
+            raise ValueError("unknown world knobs: %s" % sorted(unknown))
+        self.k = {**KNOBS, **knobs}
         rng = np.random.default_rng([seed, 0])
         self.difficulty, self.lang = difficulty, lang
         concepts = list(CATEGORIES) + [v for vs in ATTRIBUTES.values() for v in vs]
@@ -131,10 +164,27 @@ class World:
             idx = rng.choice(FEAT_DIM, 48, replace=False)
             v[idx] = rng.uniform(0.5, 1.5, 48)
             self.sig[name] = v
+        if self.k["subspace"]:
+            self._shared_subspaces(rng, self.k["subspace"])
         share = min(0.9, 0.45 * difficulty)  # fine-grained values look alike
         for a, b in SIMILAR:
             self.sig[a] = (1 - share) * self.sig[a] + share * self.sig[b]
         self.categories = list(CATEGORIES)
+        d = difficulty
+        self.p_hidden = 0.12 * d if self.k["visible"] is None else 1 - self.k["visible"]
+        self.p_label_noise = 0.12 * d if self.k["label_noise"] is None else self.k["label_noise"]
+
+    def _shared_subspaces(self, rng, width):
+        """Each attribute kind owns ``width`` dimensions; its values light up half of them
+        with their own magnitudes, so two values of a kind differ only there."""
+        free = rng.permutation(FEAT_DIM)
+        for i, values in enumerate(ATTRIBUTES.values()):
+            dims = free[i * width:(i + 1) * width]
+            for v in values:
+                sig = np.zeros(FEAT_DIM, np.float32)
+                on = rng.choice(dims, width // 2, replace=False)
+                sig[on] = rng.uniform(0.5, 1.5, len(on))
+                self.sig[v] = sig
 
     # --- products -------------------------------------------------------------------------
     def sample_object(self, rng, category=None, fixed=None):
@@ -144,28 +194,41 @@ class World:
             obj[slot] = values[rng.integers(len(values))]
         obj.update(fixed or {})
         # an attribute the picture does not show (query may still name it)
-        obj["hidden"] = {s for s in ATTRIBUTES if rng.random() < 0.12 * self.difficulty}
+        obj["hidden"] = {s for s in ATTRIBUTES if rng.random() < self.p_hidden}
         return obj
 
     def region(self, rng, obj, strength=1.0):
         v = self.sig[obj["category"]].copy()
         for slot in ATTRIBUTES:
             if slot not in obj["hidden"]:
-                w = 0.35 if slot == "audience" else 0.7
+                w = self.k["attr_weight"] / 2 if slot == "audience" else self.k["attr_weight"]
                 v += w * self.sig[obj[slot]]
         return strength * v
 
+    def _n_regions(self, rng, objects):
+        if self.k["partial"] is not None:
+            lo, hi = self.k["partial"]
+            return len(objects) + int(rng.integers(lo, hi + 1))
+        return int(min(40, max(len(objects), 1 + rng.negative_binomial(1.5, 1.5 / 4.3))))
+
+    def _observe(self, rng, f, scale):
+        """Feature noise and magnitude: what the detector's features look like."""
+        d = self.difficulty
+        if self.k["noise"] is None:
+            return f * np.exp(rng.normal(0, 0.3 * d)) + np.abs(rng.normal(0, 0.25 * d, FEAT_DIM))
+        return np.maximum(f * scale + rng.normal(0, self.k["noise"], FEAT_DIM), 0)
+
     def product(self, rng, objects):
         """Detector output for a picture of ``objects``: (h, w, boxes, features, labels)."""
-        d = self.difficulty
         h, w = int(rng.integers(400, 1201)), int(rng.integers(400, 1201))
-        n = int(min(40, max(len(objects), 1 + rng.negative_binomial(1.5, 1.5 / 4.3))))
+        scale = 1.0 if self.k["magnitude"] is None else rng.uniform(*self.k["magnitude"])
         feats, labels, boxes = [], [], []
-        for i in range(n):
+        for i in range(self._n_regions(rng, objects)):
             if i < len(objects):
                 obj, kind = objects[i], "object"
-            else:
-                kind = rng.choice(["crop", "nuisance", "background"], p=[0.45, 0.4, 0.15])
+            else:  # partial copies of an object only, or the default world's mix
+                kind = "crop" if self.k["partial"] is not None else \
+                    rng.choice(["crop", "nuisance", "background"], p=[0.45, 0.4, 0.15])
                 obj = objects[rng.integers(len(objects))]
             if kind == "object":
                 f, lab, size = self.region(rng, obj), CATEGORIES[obj["category"]], 0.8
@@ -176,10 +239,9 @@ class World:
                 f, size = self.sig["nuisance%d" % lab if lab != 28 else "background"].copy(), 0.2
             else:
                 f, lab, size = self.sig["background"].copy(), 28, 0.9
-            if rng.random() < 0.12 * d:  # the detector gets the class wrong
+            if rng.random() < self.p_label_noise:  # the detector gets the class wrong
                 lab = int(rng.integers(33))
-            f = f * np.exp(rng.normal(0, 0.3 * d)) + np.abs(rng.normal(0, 0.25 * d, FEAT_DIM))
-            feats.append(f)
+            feats.append(self._observe(rng, f, scale))
             labels.append(lab)
             bh, bw = h * min(1, size * rng.uniform(0.6, 1.2)), w * min(1, size * rng.uniform(0.6, 1.2))
             top, left = rng.uniform(0, h - bh), rng.uniform(0, w - bw)
@@ -188,15 +250,20 @@ class World:
                 np.asarray(labels, np.int64))
 
     # --- queries --------------------------------------------------------------------------
-    def sample_intent(self, rng, two_objects_p=0.2):
+    def _named(self, rng):
+        return {s: vs[rng.integers(len(vs))] for s, vs in ATTRIBUTES.items()
+                if rng.random() < SLOT_P[s]}
+
+    def sample_intent(self, rng):
         """What a query asks for: a list of (category, {slot: value}) per object."""
-        if rng.random() < two_objects_p:
+        if rng.random() < self.k["two_objects"]:
             parts = [TOPS[rng.integers(len(TOPS))], BOTTOMS[rng.integers(len(BOTTOMS))]]
+            if self.k["two_attrs"]:
+                return [(c, self._named(rng) or {"colour": ATTRIBUTES["colour"][rng.integers(12)]})
+                        for c in parts]
             return [(c, {"colour": ATTRIBUTES["colour"][rng.integers(12)]}) for c in parts]
         cat = self.categories[rng.integers(len(self.categories))]
-        named = {s: vs[rng.integers(len(vs))] for s, vs in ATTRIBUTES.items()
-                 if rng.random() < SLOT_P[s]}
-        return [(cat, named)]
+        return [(cat, self._named(rng))]
 
     def matching_objects(self, rng, intent):
         return [self.sample_object(rng, cat, named) for cat, named in intent]
@@ -208,16 +275,20 @@ class World:
             rng.shuffle(attrs)
             head = cat if cat not in SYNONYMS or rng.random() < 0.6 else SYNONYMS[cat][0]
             words += attrs + [head]
-        fillers = [FILLERS[i] for i in rng.choice(len(FILLERS), rng.integers(0, 4), replace=False)]
-        for f in fillers:  # fillers go anywhere but after the head noun
-            words.insert(int(rng.integers(0, len(words))), f)
+        fillers = [FILLERS[i] for i in rng.choice(len(FILLERS), rng.integers(*self.k["fillers"]),
+                                                  replace=False)]
+        if self.k["fillers_first"]:
+            words = fillers + words
+        else:
+            for f in fillers:  # fillers go anywhere but after the head noun
+                words.insert(int(rng.integers(0, len(words))), f)
         if self.lang == "zh":
             return "".join(ZH[w] for w in words)
         return " ".join(words)
 
     def negative_intent(self, rng, intent):
         """A hard negative: same categories, a named attribute (or binding) changed."""
-        if len(intent) == 2 and rng.random() < 0.5:  # swap attribute binding
+        if len(intent) == 2 and rng.random() < self.k["swap"]:  # swap attribute binding
             (c1, a1), (c2, a2) = intent
             if a1 != a2:
                 return [(c1, a2), (c2, a1)]
@@ -229,6 +300,18 @@ class World:
         choices = [v for v in ATTRIBUTES[slot] if v != named.get(slot)]
         named[slot] = choices[rng.integers(len(choices))]
         return out
+
+    def negative_objects(self, rng, intent):
+        """The objects of one negative candidate: hard, look-alike or random."""
+        hard, lookalike, _ = self.k["negatives"]
+        r = rng.random()
+        if r < hard:
+            return self.matching_objects(rng, self.negative_intent(rng, intent))
+        if r < hard + lookalike:  # same detector class, another category
+            k = CATEGORIES[intent[-1][0]]
+            same = [c for c, kk in CATEGORIES.items() if kk == k and c != intent[-1][0]]
+            return [self.sample_object(rng, same[rng.integers(len(same))] if same else None)]
+        return [self.sample_object(rng)]
 
 
 def encode(a):
@@ -272,17 +355,7 @@ def write_candidates(world, rng, path, n_queries, first_pid, first_qid):
             n_cand = 30 if rng.random() < 0.92 else int(rng.integers(9, 30))
             cands = [(world.matching_objects(rng, intent), True) for _ in range(n_pos)]
             while len(cands) < n_cand:
-                r = rng.random()
-                if r < 0.65:
-                    objs = world.matching_objects(rng, world.negative_intent(rng, intent))
-                elif r < 0.87:  # same detector class, another category
-                    k = CATEGORIES[intent[-1][0]]
-                    same = [c for c, kk in CATEGORIES.items() if kk == k and c != intent[-1][0]]
-                    cat = same[rng.integers(len(same))] if same else None
-                    objs = [world.sample_object(rng, cat)]
-                else:
-                    objs = [world.sample_object(rng)]
-                cands.append((objs, False))
+                cands.append((world.negative_objects(rng, intent), False))
             order = rng.permutation(len(cands))
             answers[str(qid)] = []
             rec = {"query": query, "head": intent[-1][0], "cands": []}
@@ -318,12 +391,14 @@ def atomic_write_text(path, text):
     os.replace(path + ".tmp", path)
 
 
-def generate(out, preset="small", seed=0, lang="en", difficulty=1.0, train_queries=None,
-             eval_queries=None, log=print):
+def generate(out, preset="small", *, seed=0, lang="en", difficulty=1.0, train_queries=None,
+             eval_queries=None, log=print, **knobs):
+    """Write a data root; ``knobs`` override the preset's world (see KNOBS)."""
     cfg = dict(PRESETS[preset])
     cfg["train_queries"] = train_queries or cfg["train_queries"]
     cfg["eval_queries"] = eval_queries or cfg["eval_queries"]
-    world = World(seed, difficulty, lang)
+    world_knobs = {**WORLDS[cfg["world"]], **knobs}
+    world = World(seed, difficulty, lang, **world_knobs)
     for split in ("train", "valid", "testA", "testB"):
         os.makedirs(os.path.join(out, split), exist_ok=True)
     atomic_write_text(os.path.join(out, "multimodal_labels.txt"), "category_id\tcategory_name\n"
@@ -332,7 +407,7 @@ def generate(out, preset="small", seed=0, lang="en", difficulty=1.0, train_queri
     n_rows = write_train(world, np.random.default_rng([seed, 1]),
                          os.path.join(out, "train", "train.tsv"), cfg["train_queries"], stats)
     report = {"preset": preset, "seed": seed, "lang": lang, "difficulty": difficulty,
-              "train_rows": n_rows, "train_queries": cfg["train_queries"]}
+              "world": world.k, "train_rows": n_rows, "train_queries": cfg["train_queries"]}
     for i, split in enumerate(("valid", "testA", "testB")):
         answers, records = write_candidates(
             world, np.random.default_rng([seed, 2 + i]),
@@ -348,6 +423,11 @@ def generate(out, preset="small", seed=0, lang="en", difficulty=1.0, train_queri
     return report
 
 
+def _pair(text):
+    lo, hi = text.split(",")
+    return float(lo), float(hi)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="data root to write")
@@ -355,15 +435,36 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lang", default="en", choices=["en", "zh"])
     p.add_argument("--difficulty", type=float, default=1.0,
-                   help="scales noise, label errors, hidden attributes, look-alike values")
+                   help="default world: scales noise, label errors, hidden attributes, "
+                        "look-alike values")
     p.add_argument("--train-queries", type=int, help="override the preset")
     p.add_argument("--eval-queries", type=int, help="override the preset (per split)")
+    g = p.add_argument_group("world knobs (override the preset's world; see KNOBS)")
+    g.add_argument("--noise", type=float, help="sigma of Gaussian noise on every dimension")
+    g.add_argument("--subspace", type=int, help="dimensions owned by each attribute kind")
+    g.add_argument("--attr-weight", type=float, help="weight of an attribute in a region")
+    g.add_argument("--magnitude", type=_pair, help="per-picture scale range LO,HI")
+    g.add_argument("--visible", type=float, help="probability an attribute is visible")
+    g.add_argument("--label-noise", type=float, help="probability a detector label is wrong")
+    g.add_argument("--partial", type=lambda t: tuple(int(x) for x in _pair(t)),
+                   help="LO,HI extra regions that are partial copies of the object")
+    g.add_argument("--fillers", type=lambda t: tuple(int(x) for x in _pair(t)),
+                   help="LO,HI filler words per query (HI exclusive)")
+    g.add_argument("--fillers-first", action="store_const", const=True)
+    g.add_argument("--two-objects", type=float, help="share of two-garment queries")
+    g.add_argument("--two-attrs", action="store_const", const=True,
+                   help="each garment of a two-garment query has its own attributes")
+    g.add_argument("--negatives", type=lambda t: tuple(float(x) for x in t.split(",")),
+                   help="HARD,LOOKALIKE,RANDOM shares of the negatives")
+    g.add_argument("--swap", type=float, help="share of two-garment hard negatives that swap")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     a = parse_args(argv)
-    generate(a.out, a.preset, a.seed, a.lang, a.difficulty, a.train_queries, a.eval_queries)
+    knobs = {k: v for k, v in vars(a).items() if k in KNOBS and v is not None}
+    generate(a.out, a.preset, seed=a.seed, lang=a.lang, difficulty=a.difficulty,
+             train_queries=a.train_queries, eval_queries=a.eval_queries, **knobs)
 
 
 if __name__ == "__main__":

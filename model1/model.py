@@ -10,18 +10,26 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 class TextSide(nn.Module):
-    """Word ids -> (frozen word embeddings (B, L, E), GRU states (B, L, H), mask (B, L))."""
+    """Word ids -> (frozen word embeddings (B, L, E), GRU states (B, L, H), mask (B, L)).
 
-    def __init__(self, word_emb, hidden):
+    ``gru=False`` (uniform word weights, which read no GRU state) builds no GRU and returns
+    None for its states.
+    """
+
+    def __init__(self, word_emb, hidden, gru=True):
         super().__init__()
         self.emb = nn.Embedding.from_pretrained(word_emb.clone(), freeze=True, padding_idx=0)
-        self.norm = nn.LayerNorm(word_emb.shape[1])
-        self.gru = nn.GRU(word_emb.shape[1], hidden, num_layers=2, batch_first=True,
-                          bidirectional=True)
+        if gru:
+            self.norm = nn.LayerNorm(word_emb.shape[1])
+            self.gru = nn.GRU(word_emb.shape[1], hidden, num_layers=2, batch_first=True,
+                              bidirectional=True)
+        self.with_gru = gru
 
     def forward(self, tokens):
         e = self.emb(tokens)
         mask = tokens != 0
+        if not self.with_gru:
+            return e, None, mask
         # packed, so the backward direction starts at the last word, not at the padding
         packed = pack_padded_sequence(self.norm(e), mask.sum(1).clamp(min=1).cpu(),
                                       batch_first=True, enforce_sorted=False)
@@ -34,24 +42,29 @@ class TextSide(nn.Module):
 class WordImageMatcher(nn.Module):
     """The exported encoder (trunk frozen) + TextSide + the word-weight MLP."""
 
-    def __init__(self, encoder, word_emb, hidden=256, weight_hidden=512, uniform_weights=False,
-                 margin=0.9):
+    def __init__(self, encoder, word_emb, *, hidden=256, weight_hidden=512, uniform_weights=False,
+                 margin=0.9, tune_trunk=False):
         super().__init__()
         self.encoder = encoder
+        self.tune_trunk = tune_trunk  # published: the trunk stays as pretraining left it
         for p in encoder.trunk.parameters():
-            p.requires_grad = False
-        self.text = TextSide(word_emb, hidden)
+            p.requires_grad = tune_trunk
+        self.text = TextSide(word_emb, hidden, gru=not uniform_weights)
         d_word = word_emb.shape[1]
         # MLP([gru_i ; head_0]) with its first layer split so words and products are
         # projected once and combined by broadcasting: (Q, L, 1, K) + (1, 1, P, K)
-        self.w_text = nn.Linear(hidden, weight_hidden)
-        self.w_image = nn.Linear(d_word, weight_hidden, bias=False)
-        self.w_out = nn.Sequential(nn.PReLU(), nn.Linear(weight_hidden, 1))
+        # with uniform weights neither the GRU nor the MLP is built: under DDP a parameter
+        # that gets no gradient stops the all-reduce
         self.uniform_weights, self.margin = uniform_weights, margin
+        if not uniform_weights:
+            self.w_text = nn.Linear(hidden, weight_hidden)
+            self.w_image = nn.Linear(d_word, weight_hidden, bias=False)
+            self.w_out = nn.Sequential(nn.PReLU(), nn.Linear(weight_hidden, 1))
 
     def train(self, mode=True):
         super().train(mode)
-        self.encoder.trunk.eval()  # frozen: no dropout noise either
+        if not self.tune_trunk:
+            self.encoder.trunk.eval()  # frozen: no dropout noise either
         return self
 
     def encode_image(self, boxes, feats, mask):
@@ -93,7 +106,7 @@ class WordImageMatcher(nn.Module):
         out = torch.empty(len(pairs), device=heads.device)
         for q in pairs[:, 0].unique():
             sel = (pairs[:, 0] == q).nonzero().squeeze(1)
-            t = tuple(x[q:q + 1] for x in text)
+            t = tuple(None if x is None else x[q:q + 1] for x in text)
             out[sel] = self.score_matrix(t, heads[pairs[sel, 1]])[0]
         return out
 

@@ -20,11 +20,11 @@ from model1.model import WordImageMatcher  # noqa: E402
 
 PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; tiny: tests
     "paper": dict(batch_size=130, lr_text=1e-4, lr_image=5e-6, weight_decay=1e-6, gamma=0.95,
-                  epochs=5, hidden=256, weight_hidden=512, margin=0.9),
+                  epochs=5, p_near=0.0, hidden=256, weight_hidden=512, margin=0.9),
     "small": dict(batch_size=64, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
-                  epochs=4, hidden=128, weight_hidden=128, margin=0.9),
+                  epochs=4, p_near=0.5, hidden=128, weight_hidden=128, margin=0.9),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
-                 epochs=2, hidden=32, weight_hidden=32, margin=0.9),
+                 epochs=2, p_near=0.5, hidden=32, weight_hidden=32, margin=0.9),
 }
 
 
@@ -40,8 +40,9 @@ def parse_args(argv=None):
 
 
 def build_model(encoder, word_emb, args):
-    return WordImageMatcher(encoder, word_emb, args.hidden, args.weight_hidden,
-                            getattr(args, "uniform_weights", False), args.margin)
+    return WordImageMatcher(encoder, word_emb, hidden=args.hidden, weight_hidden=args.weight_hidden,
+                            uniform_weights=getattr(args, "uniform_weights", False),
+                            margin=args.margin, tune_trunk=bool(getattr(args, "lr_trunk", None)))
 
 
 def main(argv=None):

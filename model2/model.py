@@ -11,18 +11,21 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 class SentenceImageMatcher(nn.Module):
-    def __init__(self, encoder, word_emb, input_norm=True, readout="last"):
+    def __init__(self, encoder, word_emb, *, input_norm=True, h0_norm=True, readout="last",
+                 tune_trunk=False):
         super().__init__()
         if readout not in ("last", "mean"):
             raise ValueError("readout must be 'last' or 'mean', got %r" % (readout,))
         self.encoder = encoder
+        self.tune_trunk = tune_trunk  # published: the trunk stays as pretraining left it
         for p in encoder.trunk.parameters():
-            p.requires_grad = False
+            p.requires_grad = tune_trunk
         d = word_emb.shape[1]
         self.emb = nn.Embedding.from_pretrained(word_emb.clone(), freeze=True, padding_idx=0)
         # the sentence head is unnormalised (its norm is in the tens on the small world):
-        # bring it to the scale of a GRU state, or the gates saturate
-        self.h0_norm = nn.LayerNorm(d)
+        # brought to the scale of a GRU state, the gates do not saturate (the published
+        # model feeds it raw)
+        self.h0_norm = nn.LayerNorm(d) if h0_norm else nn.Identity()
         # pretrained word embeddings are small (std ~0.1 per dimension on the small world):
         # unnormalised, the words barely move the gates next to h0 (model1 normalises too)
         self.in_norm = nn.LayerNorm(d) if input_norm else nn.Identity()
@@ -32,7 +35,8 @@ class SentenceImageMatcher(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        self.encoder.trunk.eval()  # frozen: no dropout noise either
+        if not self.tune_trunk:
+            self.encoder.trunk.eval()  # frozen: no dropout noise either
         return self
 
     def encode_image(self, boxes, feats, mask):

@@ -25,11 +25,11 @@ log = logging.getLogger("kddmm")
 
 PRESETS = {  # paper: the published settings; small: this CPU in minutes; tiny: tests
     "paper": dict(encoder="paper", batch_size=200, lr=1e-4, weight_decay=1e-6, gamma=0.96,
-                  k_hard=1000, epochs=6),
+                  k_hard=1000, epochs=6, transform="none", input_norm=0),
     "small": dict(encoder="small", batch_size=64, lr=1e-3, weight_decay=1e-6, gamma=0.96,
-                  k_hard=50, epochs=4),
+                  k_hard=50, epochs=4, transform="sqrt", input_norm=1),
     "tiny": dict(encoder="tiny", batch_size=16, lr=1e-3, weight_decay=1e-6, gamma=0.96,
-                 k_hard=20, epochs=2),
+                 k_hard=20, epochs=2, transform="sqrt", input_norm=1),
 }
 
 
@@ -40,6 +40,11 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--gamma", type=float, help="learning-rate decay per epoch")
     g.add_argument("--k-hard", type=int, help="hardest negative words per sample")
+    g.add_argument("--transform", choices=["none", "sqrt", "log1p"],
+                   help="variance-stabilising transform of the raw region features "
+                        "(published: none)")
+    g.add_argument("--input-norm", type=int, choices=[0, 1],
+                   help="1: LayerNorm over each region's raw features (published: 0)")
     g.add_argument("--word-vectors", help="optional word2vec/GloVe text file to initialise "
                                           "the word embeddings (dimension must match)")
     g.add_argument("--eval-split", default="valid", help="split ranked after each epoch")
@@ -71,7 +76,8 @@ def main(argv=None):
     queries, vocab = utils.load_info(args.info)
     store = engine.build_store(args)
     dataset = utils.PairDataset(queries, vocab, store, sampler=None, seed=args.seed)
-    cfg = ENCODER_PRESETS[args.encoder]
+    cfg = dict(ENCODER_PRESETS[args.encoder], transform=args.transform,
+               input_norm=bool(args.input_norm))
     model = Pretrainer(cfg, len(vocab), args.k_hard)
     if args.word_vectors:
         rows = load_word_vectors(args.word_vectors, vocab, cfg["d_word"])

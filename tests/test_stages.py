@@ -128,7 +128,7 @@ def test_model2_checkpoint_from_before_input_norm_loads(pretrained, tiny_world, 
     out = str(tmp_path / "m2")
     export = os.path.join(pretrained, "encoder.pt")
     m2_train.main(_common(tiny_world, out, epochs=1) + ["--export", export, "--no-eval",
-                                                        "--no-input-norm"])
+                                                        "--input-norm", "0"])
     ck = utils.load_checkpoint(os.path.join(out, "last.pt"))
     assert not any(k.startswith("in_norm.") for k in ck["model"])
     new, _, _ = matching.load_trained(m2_train, os.path.join(out, "last.pt"))
