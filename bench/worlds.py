@@ -37,6 +37,7 @@ def run_pipeline(data, out, env_extra):
     summary = os.path.join(out, "summary.json")
     if not os.path.exists(summary):
         env = dict(os.environ, DATA_DIR=data, OUT_DIR=out, **env_extra)
+        os.makedirs(out, exist_ok=True)
         with open(out + ".log", "w") as log:
             subprocess.run(["bash", os.path.join(ROOT, "run.sh")], env=env, check=True,
                            stdout=log, stderr=subprocess.STDOUT)
