@@ -8,6 +8,8 @@
 #   STORE     packed (default: `prepare.py pack` after preprocessing, one memory-mapped file)
 #             or npz (read the per-product .npz files of preprocessing directly)
 #   WORKERS   DataLoader workers per process (default 0 with the packed store, 1 with npz)
+#   ENSEMBLE_HOW  blend normalisation: raw, zscore, rank, or best (by 5-fold estimate);
+#             default raw with PRESET=paper (the published blend), best otherwise
 #   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS  extra flags of one stage's train.py
 #             (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
 set -euo pipefail
@@ -22,6 +24,7 @@ case "$STORE" in
   npz) WORKERS=${WORKERS:-1} ;;
   *) echo "run.sh: STORE must be packed or npz, got '$STORE'" >&2; exit 2 ;;
 esac
+if [ "$PRESET" = paper ]; then ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; else ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; fi
 PRED="$OUT_DIR/prediction_result"
 mkdir -p "$OUT_DIR" "$PRED"
 TIMES="$OUT_DIR/stage_times.tsv"
@@ -65,6 +68,6 @@ for m in model1 model2; do
 done
 TEST_ANS="$DATA_DIR/testB/testB_answer.json"; [ -f "$TEST_ANS" ] || TEST_ANS=""
 stage ensemble env ENSEMBLE_PRED_DIR="$PRED" ENSEMBLE_VALID_ANSWERS="$DATA_DIR/valid/valid_answer.json" \
-  ENSEMBLE_TEST_ANSWERS="$TEST_ANS" ENSEMBLE_OUT="$PRED/submission.csv" \
+  ENSEMBLE_TEST_ANSWERS="$TEST_ANS" ENSEMBLE_OUT="$PRED/submission.csv" ENSEMBLE_HOW="$ENSEMBLE_HOW" \
   jupyter nbconvert --to notebook --execute ensemble.ipynb --output-dir "$OUT_DIR" --output ensemble.executed.ipynb
 run python summary.py --out "$OUT_DIR"
