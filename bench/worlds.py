@@ -44,7 +44,8 @@ def run_pipeline(data, out, env_extra):
     with open(summary) as f:
         s = json.load(f)
     table, rows = s["ensemble"]["table"], s["ensemble"]["table_rows"]
-    row = {name: {split: table[split][i] for split in ("valid", "testB")}
+    # rows: model1, model2, "blend (how, t=...)"; columns: valid, test (testB)
+    row = {name.split()[0]: {"valid": table["valid"][i], "testB": table.get("test", [None] * len(rows))[i]}
            for i, name in enumerate(rows)}
     return {"pretraining": {"valid": s.get("pretraining_only_valid_ndcg5")},
             "model1": row["model1"], "model2": row["model2"], "blend": row["blend"],
