@@ -1,8 +1,9 @@
 """The training loop every stage shares: flags, DDP, AMP, checkpoints, resume, logs.
 
-A stage supplies a model whose ``forward(**batch)`` returns ``(loss, {name: tensor})``,
-its parameter groups, a dataset with ``set_epoch``, a collate, and optionally an
-``evaluate(model) -> {metric: float}`` run on rank 0 after each epoch.
+A stage's ``main`` creates the process group (``utils.Dist``) and hands ``fit`` a model
+whose ``forward(**batch)`` returns ``(loss, {name: tensor})``, its parameter groups, a
+dataset with ``set_epoch``, a collate, and on rank 0 optionally an
+``evaluate(model) -> {metric: float}`` run after each epoch.
 """
 import argparse
 import json
@@ -20,6 +21,7 @@ from torch.utils.data.distributed import DistributedSampler
 import utils
 
 log = logging.getLogger("kddmm")
+BEST_METRIC = "valid_ndcg5"  # what an evaluator returns and best.pt maximises
 
 
 def core_parser(description, presets):
@@ -147,18 +149,20 @@ def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch)
     return stats
 
 
-def fit(args, model, groups, dataset, *, gamma, collate, evaluate=None, metric="valid_ndcg5",
-        extra_state=None):
+def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_state=None):
     """Train ``model`` for ``args.epochs``; checkpoints OUT/last.pt (each epoch) and OUT/best.pt.
 
+    ``dist`` is the process group's ``utils.Dist`` (the stage's main creates and closes it);
+    ``groups`` the optimizer's parameter groups, decayed by ``args.gamma`` per epoch;
     ``collate`` turns a list of ``dataset`` items into the batch ``model(**batch)`` reads,
-    or into a flat batch that ``utils.unflatten`` pads on the training device.
+    or into a flat batch that ``utils.unflatten`` pads on the training device; ``evaluate``
+    (rank 0 only) returns {metric: float} after each epoch, and best.pt keeps the epoch of
+    the highest ``BEST_METRIC``; ``extra_state`` must match on resume.
 
     Returns the list of per-epoch log dicts (rank 0; other ranks get theirs without eval).
     """
-    dist = utils.Dist(args.local_rank)
     model.to(dist.device)
-    opt, sched = make_optimizer(groups, gamma)
+    opt, sched = make_optimizer(groups, args.gamma)
     start, best, history = 0, -float("inf"), []
     last = os.path.join(args.out, "last.pt")
     # a job that torchrun restarted after a failure resumes by itself (--max-restarts)
@@ -198,9 +202,9 @@ def fit(args, model, groups, dataset, *, gamma, collate, evaluate=None, metric="
         if dist.enabled:
             stats["rank_param_maxdiff"] = replica_divergence(model, dist)
         dist.barrier()
-        improved = metric in stats and stats[metric] > best
+        improved = BEST_METRIC in stats and stats[BEST_METRIC] > best
         if improved:
-            best = stats[metric]
+            best = stats[BEST_METRIC]
         history.append(stats)
         if dist.main:
             state = {"model": trainable_state(model), "optimizer": opt.state_dict(),
@@ -217,7 +221,6 @@ def fit(args, model, groups, dataset, *, gamma, collate, evaluate=None, metric="
                 {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
                  if k not in ("lr", "epoch")}))
         dist.barrier()
-    dist.close()
     return history
 
 

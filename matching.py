@@ -1,21 +1,19 @@
-"""What model1 and model2 share: flags, building from the export, training, prediction files.
+"""What model1 and model2 share: flags, the pretrained export, parameter groups, scoring,
+the per-epoch evaluator, loading a trained checkpoint and writing prediction files.
 
-A stage module supplies ``PRESETS``, ``build_model(encoder, word_emb, args)`` and the
-negative-query fallback; ``train_main`` and ``validation_main`` do the rest.
+Each stage's ``model.py`` supplies ``PRESETS`` and ``build_model(encoder, word_emb, args)``;
+its ``train.py`` and ``validation.py`` call the helpers here.
 """
 import argparse
-import logging
 import os
 
 import torch
 
 import engine
 import metric
-import sampler
 import utils
-from multilabel.export_model import load_export
+from multilabel.model import load_export
 
-log = logging.getLogger("kddmm")
 DEFAULT_EXPORT = os.path.join(utils.ROOT, "runs", "multilabel", "encoder.pt")
 
 
@@ -40,14 +38,15 @@ def train_parser(description, presets):
     return p
 
 
-def build(stage, args, vocab=None):
-    """Export + stage model; checks the export's vocabulary against info/ when given."""
-    encoder, word_emb, ex_vocab, _ = load_export(args.export)
+def load_pretrained(export, vocab=None, info=None):
+    """The export -> (encoder, word embeddings (V, E), its Vocab); refuses an export
+    pretrained on another vocabulary than ``vocab`` (that of the ``info`` folder)."""
+    encoder, word_emb, ex_vocab, _ = load_export(export)
     if vocab is not None and ex_vocab.itos != vocab.itos:
         raise utils.DataError("%s was pretrained with another vocabulary (%d words) than %s "
                               "(%d words): rerun pretraining on this info/"
-                              % (args.export, len(ex_vocab), args.info, len(vocab)))
-    return stage.build_model(encoder, word_emb, args), ex_vocab
+                              % (export, len(ex_vocab), info, len(vocab)))
+    return encoder, word_emb, ex_vocab
 
 
 def param_groups(model, args):
@@ -93,30 +92,15 @@ def make_evaluator(args, vocab):
     return evaluate
 
 
-def train_main(stage, argv, description, fallback):
-    args = engine.apply_preset(stage.parse_args(argv), stage.PRESETS)
-    rank = int(os.environ.get("RANK", 0))
-    utils.setup_logging(rank == 0)
-    utils.seed_everything(args.seed, rank)
-    queries, vocab = utils.load_info(args.info)
-    model, _ = build(stage, args, vocab)
-    store = engine.build_store(args)
-    negatives = sampler.NegativeSampler(queries, args.p_last, fallback, args.p_near)
-    dataset = utils.PairDataset(queries, vocab, store, negatives, seed=args.seed)
-    evaluate = None if args.no_eval else make_evaluator(args, vocab)
-    # the vocabulary the frozen embeddings index: checked on resume and in load_trained
-    return engine.fit(args, model, param_groups(model, args), dataset, gamma=args.gamma,
-                      collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
-                      evaluate=evaluate, extra_state={"vocab": vocab.itos})
-
-
-def load_trained(stage, ckpt_path, export=None):
-    """A trained stage checkpoint (trainable weights only) + its export -> model, vocab."""
+def load_trained(build_model, ckpt_path, export=None):
+    """A trained stage checkpoint (trainable weights only) + its export -> (model, vocab, ck);
+    ``build_model`` is the stage's (``model*/model.py``)."""
     ck = utils.load_checkpoint(ckpt_path)
     args = argparse.Namespace(**ck["args"])
     if export:
         args.export = export
-    model, vocab = build(stage, args)
+    encoder, word_emb, vocab = load_pretrained(args.export)
+    model = build_model(encoder, word_emb, args)
     if "vocab" in ck and ck["vocab"] != vocab.itos:
         raise utils.DataError("%s was trained on another vocabulary than its export %s: "
                               "retrain it on this export" % (ckpt_path, args.export))
@@ -129,7 +113,7 @@ def load_trained(stage, ckpt_path, export=None):
     return model, vocab, ck
 
 
-def validation_main(stage, name, argv=None):
+def validation_main(build_model, name, argv=None):
     p = argparse.ArgumentParser(description="Score every candidate and write prediction files.")
     p.add_argument("--ckpt", required=True, help="best.pt or last.pt of %s/train.py" % name)
     p.add_argument("--data", help="data root (default: the one the checkpoint trained on)")
@@ -141,7 +125,7 @@ def validation_main(stage, name, argv=None):
     p.add_argument("--skip-bad", action="store_true", help="skip, count and list bad rows")
     a = p.parse_args(argv)
     utils.setup_logging()
-    model, vocab, ck = load_trained(stage, a.ckpt, a.export)
+    model, vocab, ck = load_trained(build_model, a.ckpt, a.export)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     data = a.data or ck["args"]["data"]

@@ -86,8 +86,8 @@ def main(argv=None):
     device = torch.device(a.device)
     table = []
     for name, ckpt in (("model1", a.model1), ("model2", a.model2)):
-        stage = __import__("%s.train" % name, fromlist=["train"])
-        model, vocab, ck = matching.load_trained(stage, ckpt, a.export)
+        stage = __import__("%s.model" % name, fromlist=["model"])
+        model, vocab, ck = matching.load_trained(stage.build_model, ckpt, a.export)
         model.to(device)
         tsv, _ = engine.split_paths(a.data, a.split)
         t0 = time.perf_counter()

@@ -73,13 +73,13 @@ def build(stage, a, export):
     queries, vocab = utils.load_info(a.info)
     store = engine.build_store(args)
     if stage == "multilabel":
-        from multilabel.model import ENCODER_PRESETS, Pretrainer
-        model = Pretrainer(ENCODER_PRESETS[args.encoder], len(vocab), args.k_hard)
+        model = mod.build_model(args, len(vocab))
         groups = [dict(params=list(model.parameters()), lr=args.lr,
                        weight_decay=args.weight_decay)]
         ds = utils.PairDataset(queries, vocab, store, None)
     else:
-        model, _ = matching.build(mod, args, vocab)
+        encoder, word_emb, _ = matching.load_pretrained(args.export, vocab, args.info)
+        model = mod.build_model(encoder, word_emb, args)
         groups = matching.param_groups(model, args)
         fallback = "cluster" if stage == "model1" else "cluster_or_random"
         ds = utils.PairDataset(queries, vocab, store, NegativeSampler(queries, 0.8, fallback))

@@ -9,6 +9,16 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
+PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; tiny: tests
+    "paper": dict(batch_size=130, lr_text=1e-4, lr_image=5e-6, weight_decay=1e-6, gamma=0.95,
+                  epochs=5, p_near=0.0, hidden=256, weight_hidden=512, margin=0.9),
+    "small": dict(batch_size=64, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
+                  epochs=4, p_near=0.5, hidden=128, weight_hidden=128, margin=0.9),
+    "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
+                 epochs=2, p_near=0.5, hidden=32, weight_hidden=32, margin=0.9),
+}
+
+
 class TextSide(nn.Module):
     """Word ids -> (frozen word embeddings (B, L, E), GRU states (B, L, H), mask (B, L)).
 
@@ -134,3 +144,11 @@ def pairwise_loss(S, s_neg_product, s_neg_query, qi, margin):
     viol_t = (margin - pos[None, :] + S).masked_fill(same, 0.0).clamp(min=0)  # q_j vs p_i
     loss = loss + viol.max(1).values + viol_t.max(0).values
     return loss.mean()
+
+
+def build_model(encoder, word_emb, args):
+    """The matcher the options (of train.py, or a checkpoint's) name, on the exported
+    encoder and word embeddings (V, E)."""
+    return WordImageMatcher(encoder, word_emb, hidden=args.hidden, weight_hidden=args.weight_hidden,
+                            uniform_weights=getattr(args, "uniform_weights", False),
+                            margin=args.margin, tune_trunk=bool(getattr(args, "lr_trunk", None)))

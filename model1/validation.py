@@ -15,11 +15,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import matching  # noqa: E402
-from model1 import train  # noqa: E402
+from model1.model import build_model  # noqa: E402
 
 
 def main(argv=None):
-    return matching.validation_main(train, "model1", argv)
+    return matching.validation_main(build_model, "model1", argv)
 
 
 if __name__ == "__main__":

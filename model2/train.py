@@ -15,18 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import engine  # noqa: E402
 import matching  # noqa: E402
-from model2.model import SentenceImageMatcher  # noqa: E402
-
-PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; tiny: tests
-    "paper": dict(batch_size=150, lr_text=1e-4, lr_image=5e-6, weight_decay=1e-6, gamma=0.95,
-                  epochs=2, p_near=0.0, input_norm=0, h0_norm=0),
-    # small: valid NDCG@5 still rises at 8 epochs (0.756 after 4, 0.804 after 8)
-    "small": dict(batch_size=64, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
-                  epochs=8, p_near=0.5, input_norm=1, h0_norm=1),
-    "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
-                 epochs=2, p_near=0.5, input_norm=1, h0_norm=1),
-}
+import sampler  # noqa: E402
+import utils  # noqa: E402
+from model2.model import PRESETS, build_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,17 +35,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_model(encoder, word_emb, args):
-    # checkpoints written before these options existed: no input norm, a normalised head
-    return SentenceImageMatcher(encoder, word_emb, input_norm=bool(getattr(args, "input_norm", 0)),
-                                h0_norm=bool(getattr(args, "h0_norm", 1)),
-                                readout=getattr(args, "readout", "last"),
-                                tune_trunk=bool(getattr(args, "lr_trunk", None)))
-
-
 def main(argv=None):
-    return matching.train_main(sys.modules[__name__], argv, __doc__,
-                               fallback="cluster_or_random")
+    args = engine.apply_preset(parse_args(argv), PRESETS)
+    dist = utils.Dist(args.local_rank)
+    utils.setup_logging(dist.main)
+    utils.seed_everything(args.seed, dist.rank)
+    queries, vocab = utils.load_info(args.info)
+    negatives = sampler.NegativeSampler(queries, args.p_last, "cluster_or_random", args.p_near)
+    dataset = utils.PairDataset(queries, vocab, engine.build_store(args), negatives,
+                                seed=args.seed)
+    encoder, word_emb, _ = matching.load_pretrained(args.export, vocab, args.info)
+    model = build_model(encoder, word_emb, args)
+    # only rank 0 evaluates: the other ranks never read the evaluation split
+    evaluate = matching.make_evaluator(args, vocab) if dist.main and not args.no_eval else None
+    # the vocabulary the frozen embeddings index: checked on resume and in load_trained
+    history = engine.fit(args, model, dataset, dist=dist, groups=matching.param_groups(model, args),
+                         collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
+                         evaluate=evaluate, extra_state={"vocab": vocab.itos})
+    dist.close()
+    return history
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import matching  # noqa: E402
-from model2 import train  # noqa: E402
+from model2.model import build_model  # noqa: E402
 
 
 def main(argv=None):
-    return matching.validation_main(train, "model2", argv)
+    return matching.validation_main(build_model, "model2", argv)
 
 
 if __name__ == "__main__":

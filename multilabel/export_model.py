@@ -2,8 +2,8 @@
 
     python multilabel/export_model.py --ckpt runs/multilabel/best.pt --out runs/multilabel/encoder.pt
 
-model1 and model2 load it with ``load_export`` (strict): the file holds plain tensors and
-types only, so it loads with ``torch.load(weights_only=True)``.
+model1 and model2 load it with ``multilabel.model.load_export`` (strict): the file holds
+plain tensors and types only, so it loads with ``torch.load(weights_only=True)``.
 """
 import argparse
 import os
@@ -14,7 +14,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import utils  # noqa: E402
-from multilabel.model import ImageEncoder  # noqa: E402
+from multilabel.model import ImageEncoder, load_export  # noqa: E402
 
 
 def export(ckpt_path, out):
@@ -30,27 +30,16 @@ def export(ckpt_path, out):
     return payload
 
 
-def load_export(path):
-    """-> (ImageEncoder with the pretrained weights, word embeddings (V, E), Vocab, config)."""
-    ex = utils.load_checkpoint(path)
-    for key in ("config", "encoder", "word_emb", "vocab"):
-        if key not in ex:
-            raise utils.DataError("%s: not an encoder export (no %r); use multilabel/"
-                                  "export_model.py" % (path, key))
-    enc = ImageEncoder(ex["config"])
-    enc.load_state_dict(ex["encoder"], strict=True)
-    return enc, ex["word_emb"], utils.Vocab(ex["vocab"]), dict(ex["config"])
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="multilabel checkpoint (best.pt or last.pt)")
     p.add_argument("--out", required=True, help="export file to write")
     a = p.parse_args(argv)
-    payload = export(a.ckpt, a.out)
-    n = sum(v.numel() for v in payload["encoder"].values())
+    epoch = export(a.ckpt, a.out)["source"]["epoch"]
+    encoder, word_emb, _, _ = load_export(a.out)  # read back as model1 and model2 will
+    n = sum(w.numel() for w in encoder.parameters())
     print("exported %s: encoder %.2fM parameters, %d words x %d, epoch %d"
-          % (a.out, n / 1e6, *payload["word_emb"].shape, payload["source"]["epoch"]))
+          % (a.out, n / 1e6, *word_emb.shape, epoch))
 
 
 if __name__ == "__main__":

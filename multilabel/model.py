@@ -9,6 +9,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import utils
+
+PRESETS = {  # paper: the published settings; small: this CPU in minutes; tiny: tests
+    "paper": dict(encoder="paper", batch_size=200, lr=1e-4, weight_decay=1e-6, gamma=0.96,
+                  k_hard=1000, epochs=6, transform="none", input_norm=0),
+    "small": dict(encoder="small", batch_size=64, lr=1e-3, weight_decay=1e-6, gamma=0.96,
+                  k_hard=50, epochs=4, transform="sqrt", input_norm=1),
+    "tiny": dict(encoder="tiny", batch_size=16, lr=1e-3, weight_decay=1e-6, gamma=0.96,
+                 k_hard=20, epochs=2, transform="sqrt", input_norm=1),
+}
+
 # the published sizes, and CPU-sized ones; "tiny" is for tests
 ENCODER_PRESETS = {
     "paper": dict(feat_dim=2048, d_model=2048, n_heads=16, d_ff=4096, box_hidden=100,
@@ -210,3 +221,23 @@ class Pretrainer(nn.Module):
         lp = F.logsigmoid(word_logits(heads, self.word_emb.weight).float())   # (P, V)
         return torch.stack([lp[:, t].sum(1) if len(t) else lp.new_zeros(len(lp))
                             for t in token_lists])
+
+
+def build_model(args, vocab_size):
+    """The Pretrainer the options name: ``args.encoder`` sizes, feature transform, input norm.
+    Its encoder's ``config`` is what the checkpoint and the export record."""
+    cfg = dict(ENCODER_PRESETS[args.encoder], transform=args.transform,
+               input_norm=bool(args.input_norm))
+    return Pretrainer(cfg, vocab_size, args.k_hard)
+
+
+def load_export(path):
+    """-> (ImageEncoder with the pretrained weights, word embeddings (V, E), Vocab, config)."""
+    ex = utils.load_checkpoint(path)
+    for key in ("config", "encoder", "word_emb", "vocab"):
+        if key not in ex:
+            raise utils.DataError("%s: not an encoder export (no %r); use multilabel/"
+                                  "export_model.py" % (path, key))
+    enc = ImageEncoder(ex["config"])
+    enc.load_state_dict(ex["encoder"], strict=True)
+    return enc, ex["word_emb"], utils.Vocab(ex["vocab"]), dict(ex["config"])

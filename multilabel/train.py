@@ -19,18 +19,10 @@ import torch  # noqa: E402
 
 import engine  # noqa: E402
 import utils  # noqa: E402
-from multilabel.model import ENCODER_PRESETS, Pretrainer  # noqa: E402
+from multilabel.model import PRESETS, build_model  # noqa: E402
+from multilabel.validation import make_evaluator  # noqa: E402
 
 log = logging.getLogger("kddmm")
-
-PRESETS = {  # paper: the published settings; small: this CPU in minutes; tiny: tests
-    "paper": dict(encoder="paper", batch_size=200, lr=1e-4, weight_decay=1e-6, gamma=0.96,
-                  k_hard=1000, epochs=6, transform="none", input_norm=0),
-    "small": dict(encoder="small", batch_size=64, lr=1e-3, weight_decay=1e-6, gamma=0.96,
-                  k_hard=50, epochs=4, transform="sqrt", input_norm=1),
-    "tiny": dict(encoder="tiny", batch_size=16, lr=1e-3, weight_decay=1e-6, gamma=0.96,
-                 k_hard=20, epochs=2, transform="sqrt", input_norm=1),
-}
 
 
 def parse_args(argv=None):
@@ -70,29 +62,28 @@ def load_word_vectors(path, vocab, dim):
 
 def main(argv=None):
     args = engine.apply_preset(parse_args(argv), PRESETS)
-    rank = int(os.environ.get("RANK", 0))
-    utils.setup_logging(rank == 0)
-    utils.seed_everything(args.seed, rank)
+    dist = utils.Dist(args.local_rank)
+    utils.setup_logging(dist.main)
+    utils.seed_everything(args.seed, dist.rank)
     queries, vocab = utils.load_info(args.info)
-    store = engine.build_store(args)
-    dataset = utils.PairDataset(queries, vocab, store, sampler=None, seed=args.seed)
-    cfg = dict(ENCODER_PRESETS[args.encoder], transform=args.transform,
-               input_norm=bool(args.input_norm))
-    model = Pretrainer(cfg, len(vocab), args.k_hard)
+    dataset = utils.PairDataset(queries, vocab, engine.build_store(args), sampler=None,
+                                seed=args.seed)
+    model = build_model(args, len(vocab))
     if args.word_vectors:
-        rows = load_word_vectors(args.word_vectors, vocab, cfg["d_word"])
+        rows = load_word_vectors(args.word_vectors, vocab, model.word_emb.embedding_dim)
         with torch.no_grad():
             for i, v in rows.items():
                 model.word_emb.weight[i] = torch.from_numpy(v)
         log.info("word vectors: %d of %d words initialised", len(rows), len(vocab))
     groups = [dict(params=list(model.parameters()), lr=args.lr, weight_decay=args.weight_decay)]
-    evaluate = None
-    if not args.no_eval:
-        from multilabel.validation import make_evaluator
-        evaluate = make_evaluator(args, vocab)
-    return engine.fit(args, model, groups, dataset, gamma=args.gamma,
-                      collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
-                      evaluate=evaluate, extra_state={"vocab": vocab.itos, "encoder_config": cfg})
+    # only rank 0 evaluates: the other ranks never read the evaluation split
+    evaluate = make_evaluator(args, vocab) if dist.main and not args.no_eval else None
+    history = engine.fit(args, model, dataset, dist=dist, groups=groups,
+                         collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
+                         evaluate=evaluate,
+                         extra_state={"vocab": vocab.itos, "encoder_config": model.encoder.config})
+    dist.close()
+    return history
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ import synthetic
 import tsv
 import utils
 from multilabel import export_model, train as ml_train, validation as ml_validation
-from model1 import train as m1_train
-from model2 import train as m2_train, validation as m2_validation
+from multilabel.model import load_export
+from model1 import model as m1_model, train as m1_train
+from model2 import model as m2_model, train as m2_train, validation as m2_validation
 from sampler import NegativeSampler
 from tsv import DataError
 
@@ -352,7 +353,7 @@ def test_validation_ranks_stopword_queries_and_skips_bad_rows(m2, pre, tiny_worl
     assert res["valid"] == metric.ndcg_at_k({q: list(s.items()) for q, s in preds.items()},
                                             answers)
     # the same flag, and the same figure, for the validation inside training
-    model, vocab, _ = matching.load_trained(m2_train, os.path.join(m2, "best.pt"))
+    model, vocab, _ = matching.load_trained(m2_model.build_model, os.path.join(m2, "best.pt"))
     args = argparse.Namespace(data=data, eval_split="valid", max_boxes=None, skip_bad=True)
     assert matching.make_evaluator(args, vocab)(model)["valid_ndcg5"] == res["valid"]
     # and for the pretraining ranking, by its script and inside pretraining
@@ -386,10 +387,10 @@ def test_every_model_ranks_a_stopword_only_query(pre, tiny_world):
     assert cset.tokens[0] == []
     cpu = torch.device("cpu")
     results = {"multilabel": ml_validation.rank_split(model, cset, cpu)[0]}
-    for name, stage in (("model1", m1_train), ("model2", m2_train)):
-        args = argparse.Namespace(export=os.path.join(pre, "encoder.pt"), info=tiny_world.info,
-                                  **stage.PRESETS["tiny"])
-        results[name] = matching.score_split(matching.build(stage, args, vocab)[0], cset, cpu)
+    encoder, word_emb, _ = matching.load_pretrained(os.path.join(pre, "encoder.pt"), vocab)
+    for name, stage in (("model1", m1_model), ("model2", m2_model)):
+        model = stage.build_model(encoder, word_emb, argparse.Namespace(**stage.PRESETS["tiny"]))
+        results[name] = matching.score_split(model, cset, cpu)
     for name, preds in results.items():
         assert set(preds) == set(cands), name
         for q, items in preds.items():
@@ -547,7 +548,7 @@ def test_checkpoints_and_exports_are_plain_and_objects_are_refused(pre, m2, tmp_
     with pytest.raises(pickle.UnpicklingError):
         utils.load_checkpoint(hostile)
     with pytest.raises(pickle.UnpicklingError):
-        export_model.load_export(hostile)
+        load_export(hostile)
     assert not os.path.exists(marker)
 
 

@@ -11,8 +11,9 @@ import torch
 import tsv
 import utils
 from multilabel import export_model, train as ml_train, validation as ml_validation
+from multilabel.model import load_export
 from model1 import train as m1_train, validation as m1_validation
-from model2 import train as m2_train, validation as m2_validation
+from model2 import model as m2_model, train as m2_train, validation as m2_validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +49,7 @@ def test_multilabel_trains_and_logs(pretrained):
 
 def test_export_loads_strictly_and_matches(pretrained, tiny_world):
     model, vocab, _ = ml_validation.load_pretrainer(os.path.join(pretrained, "best.pt"))
-    enc, emb, vocab2, cfg = export_model.load_export(os.path.join(pretrained, "encoder.pt"))
+    enc, emb, vocab2, cfg = load_export(os.path.join(pretrained, "encoder.pt"))
     assert vocab2.itos == vocab.itos and torch.equal(emb, model.word_emb.weight)
     cset = utils.CandidateSet.from_tsv(os.path.join(tiny_world.data, "valid/valid.tsv"), vocab)
     b = next(cset.product_batches(8))
@@ -131,12 +132,12 @@ def test_model2_checkpoint_from_before_input_norm_loads(pretrained, tiny_world, 
                                                         "--input-norm", "0"])
     ck = utils.load_checkpoint(os.path.join(out, "last.pt"))
     assert not any(k.startswith("in_norm.") for k in ck["model"])
-    new, _, _ = matching.load_trained(m2_train, os.path.join(out, "last.pt"))
+    new, _, _ = matching.load_trained(m2_model.build_model, os.path.join(out, "last.pt"))
     for k in ("input_norm", "readout"):
         del ck["args"][k]
     old_path = os.path.join(out, "old.pt")
     utils.save_checkpoint(ck, old_path)
-    old, _, _ = matching.load_trained(m2_train, old_path)
+    old, _, _ = matching.load_trained(m2_model.build_model, old_path)
     assert isinstance(old.in_norm, torch.nn.Identity) and old.readout == "last"
     tokens, image = torch.tensor([[4, 5, 6], [7, 0, 0]]), torch.randn(2, old.out.in_features)
     old.eval(), new.eval()
