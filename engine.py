@@ -22,6 +22,7 @@ import utils
 
 log = logging.getLogger("kddmm")
 BEST_METRIC = "valid_ndcg5"  # what an evaluator returns and best.pt maximises
+PROGRESS_EVERY = 50  # steps between the progress bar's loss readings
 
 
 def core_parser(description, presets):
@@ -86,6 +87,25 @@ def trainable_state(model):
     return {k: v for k, v in model.state_dict().items() if k not in frozen}
 
 
+def load_trainable(model, state, path):
+    """Load checkpoint weights into ``model``, refusing any that do not fit: a key the model
+    lacks, or a trainable parameter the checkpoint lacks (the frozen ones are absent from
+    model1/model2 checkpoints by design: they live in the export)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise utils.DataError("%s does not fit this model: missing %s, unexpected %s (another "
+                              "model option or code version?)"
+                              % (path, _first(missing), _first(unexpected)))
+
+
+def _first(keys, n=5):
+    """The first ``n`` of ``keys`` sorted, and how many more there are."""
+    more = " and %d more" % (len(keys) - n) if len(keys) > n else ""
+    return "%s%s" % (sorted(keys)[:n], more)
+
+
 def rng_state():
     """torch, numpy and random generator states as tensors and ints (weights_only-safe)."""
     _, keys, pos, *_ = np.random.get_state()
@@ -116,6 +136,9 @@ def to_device(batch, device):
 
 
 def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch):
+    """One pass over ``loader`` -> {loss and each part: mean over the steps and the ranks,
+    samples_per_s}. The sums stay on the device: reading a value back waits for the GPU,
+    so the loop does it once per epoch, and every PROGRESS_EVERY steps for the bar."""
     model.train()
     sums, n, seen, t0 = {}, 0, 0, time.time()
     from tqdm import tqdm
@@ -136,15 +159,18 @@ def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch)
         else:
             loss.backward()
             opt.step()
-        parts = {"loss": loss.detach(), **parts}
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+        for k, v in {"loss": loss, **parts}.items():
+            v = v.detach().double()  # float64: the sums a Python float would give
+            sums[k] = sums[k] + v if k in sums else v
         n += 1
         seen += len(batch["p_feats"])
-        bar.set_postfix(loss="%.4f" % loss.item())
+        if not bar.disable and n % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss="%.4f" % (sums["loss"] / n).item())
         bar.update()
-    bar.close()
     stats = dist.mean({k: v / max(1, n) for k, v in sums.items()})
+    if "loss" in stats:
+        bar.set_postfix(loss="%.4f" % stats["loss"])
+    bar.close()
     stats["samples_per_s"] = seen * dist.world / max(1e-9, time.time() - t0)
     return stats
 
@@ -170,7 +196,7 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
     if (args.resume or restarted) and os.path.exists(last):
         ck = utils.load_checkpoint(last)
         check_compatible(ck, args, extra_state)
-        model.load_state_dict(ck["model"], strict=False)
+        load_trainable(model, ck["model"], last)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]

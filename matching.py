@@ -104,12 +104,7 @@ def load_trained(build_model, ckpt_path, export=None):
     if "vocab" in ck and ck["vocab"] != vocab.itos:
         raise utils.DataError("%s was trained on another vocabulary than its export %s: "
                               "retrain it on this export" % (ckpt_path, args.export))
-    missing, unexpected = model.load_state_dict(ck["model"], strict=False)
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    if unexpected or set(missing) - frozen:
-        raise utils.DataError("%s does not fit this model (preset %s): missing %s, unexpected %s"
-                              % (ckpt_path, args.preset, sorted(set(missing) - frozen)[:3],
-                                 unexpected[:3]))
+    engine.load_trainable(model, ck["model"], "%s (preset %s)" % (ckpt_path, args.preset))
     return model, vocab, ck
 
 

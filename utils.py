@@ -592,16 +592,21 @@ class Dist:
             td.barrier()
 
     def mean(self, values):
-        """All-reduce a dict of floats to their mean over ranks (for logging)."""
-        if not self.enabled:
-            return values
+        """A dict of scalar tensors (or floats) -> their means over the ranks, as floats.
+
+        One read back from the device for the whole dict: each read waits for the GPU.
+        """
         import torch
-        import torch.distributed as td
         keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                         device=self.device)
-        td.all_reduce(t)
-        return {k: v / self.world for k, v in zip(keys, t.tolist())}
+        if not keys:
+            return {}
+        t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=self.device)
+                         for k in keys])
+        if self.enabled:
+            import torch.distributed as td
+            td.all_reduce(t)
+            t /= self.world
+        return dict(zip(keys, t.tolist()))
 
     def close(self):
         if self.enabled:
