@@ -8,10 +8,14 @@ measured that way), so the k-fold estimate -- t chosen on k-1 folds, scored on t
 fold -- is reported beside it, and ``how="best"`` picks the normalisation by that estimate.
 
     python ensemble.py --pred-dir prediction_result --valid-answers DATA/valid/valid_answer.json \
-        [--test-answers DATA/testB/testB_answer.json] --out prediction_result/submission.csv
+        [--test-tsv DATA/testB/testB.tsv] [--test-answers DATA/testB/testB_answer.json] \
+        --out prediction_result/submission.csv
 
 writes ``submission.csv``, ``ensemble.json`` (chosen normalisation and t, every score) and
-``ensemble_t.png`` (valid NDCG@5 against t) in the folder of ``--out``.
+``ensemble_t.png`` (valid NDCG@5 against t) in the folder of ``--out``. The submission is
+written only when the test predictions cover every query of the test split (``--test-tsv``,
+by default testB/testB.tsv of the data root that holds ``--valid-answers``), each with 5
+of its candidates.
 """
 import argparse
 import os
@@ -20,7 +24,7 @@ import sys
 import numpy as np
 
 from metric import check_submission, load_answers, load_predictions, ndcg_at_k, ndcg_one, rank
-from tsv import DataError
+from tsv import DataError, read_candidates
 from utils import atomic_json, atomic_open
 
 HOWS = ("raw", "zscore", "rank")
@@ -178,6 +182,33 @@ def choose_how(tuning, how="best"):
 
 
 # --------------------------------------------------------------------------------------
+# The test split
+# --------------------------------------------------------------------------------------
+def default_test_tsv(valid_answers):
+    """testB/testB.tsv of the data root whose valid/ holds ``valid_answers``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(valid_answers)))
+    return os.path.join(root, "testB", "testB.tsv")
+
+
+def candidates_of_test_split(preds, test_tsv):
+    """The test split's {qid: [pid, ...]}, read from its TSV; a DataError naming the queries
+    of the split that ``preds`` lacks (validation skipped or lost them)."""
+    if not os.path.exists(test_tsv):
+        raise DataError("%s: not found; pass --test-tsv (ENSEMBLE_TEST_TSV in the notebook), "
+                        "the test split the predictions are for" % test_tsv)
+    # ids only: the rows validation skipped as bad are skipped (and counted) here too
+    cands = {q: [r["product_id"] for r in v["products"]]
+             for q, v in read_candidates(test_tsv, skip_bad=True, with_arrays=False).items()}
+    missing = sorted(set(cands) - set(preds))
+    if missing:
+        raise DataError("test predictions lack %d of the %d queries of %s: query ids %s%s; "
+                        "submission not written" % (
+                            len(missing), len(cands), test_tsv,
+                            ", ".join(map(str, missing[:20])), ", ..." if len(missing) > 20 else ""))
+    return cands
+
+
+# --------------------------------------------------------------------------------------
 # Submission, tables, plot
 # --------------------------------------------------------------------------------------
 def submission_rows(preds, candidates=None, queries=None):
@@ -256,11 +287,16 @@ def plot_curves(tuning, how, path=None):
 # --------------------------------------------------------------------------------------
 # The whole stage
 # --------------------------------------------------------------------------------------
-def run_ensemble(pred_dir, valid_answers, out, *, test_answers=None, grid=100, hows=HOWS,
-                 how="best", k=5, seed=0):
-    """Tune on valid, blend test, write submission.csv, ensemble.json, ensemble_t.png."""
+def run_ensemble(pred_dir, valid_answers, out, *, test_tsv=None, test_answers=None, grid=100,
+                 hows=HOWS, how="best", k=5, seed=0):
+    """Tune on valid, blend test, write submission.csv, ensemble.json, ensemble_t.png.
+
+    test_tsv: the test split (default ``default_test_tsv(valid_answers)``); every one of its
+    queries must be in the test predictions.
+    """
     v1, v2 = load_pair(pred_dir, "valid")
     t1, t2 = load_pair(pred_dir, "test")
+    cands = candidates_of_test_split(t1, test_tsv or default_test_tsv(valid_answers))
     answers = load_answers(valid_answers)
     tuning = tune(v1, v2, answers, hows=hows, grid=grid, k=k, seed=seed)
     how = choose_how(tuning, how)
@@ -269,7 +305,7 @@ def run_ensemble(pred_dir, valid_answers, out, *, test_answers=None, grid=100, h
     if test_answers:  # reported only; never used to choose t or the normalisation
         splits["test"] = (t1, t2, load_answers(test_answers))
     table = summary_table(splits, t, how)  # first: a test query missing fails before writing
-    write_submission(blend(t1, t2, t, how), out)
+    write_submission(blend(t1, t2, t, how), out, candidates=cands)
     folder = os.path.dirname(os.path.abspath(out))
     png, js = os.path.join(folder, "ensemble_t.png"), os.path.join(folder, "ensemble.json")
     plot_curves(tuning, how, png)
@@ -300,6 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--pred-dir", default="prediction_result",
                    help="folder with {valid,test}_pred_model{1,2}.json")
     p.add_argument("--valid-answers", required=True, help="DATA/valid/valid_answer.json")
+    p.add_argument("--test-tsv", help="the test split, whose every query the submission must "
+                   "cover (default: testB/testB.tsv beside the valid/ of --valid-answers)")
     p.add_argument("--test-answers", help="test answers, reported only (synthetic data)")
     p.add_argument("--out", default="prediction_result/submission.csv", help="submission path")
     p.add_argument("--grid", type=int, default=100, help="t grid points over [0, 1]")
@@ -314,8 +352,9 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     try:
-        r = run_ensemble(a.pred_dir, a.valid_answers, a.out, test_answers=a.test_answers,
-                         grid=a.grid, hows=a.normalisations, how=a.how, k=a.k, seed=a.seed)
+        r = run_ensemble(a.pred_dir, a.valid_answers, a.out, test_tsv=a.test_tsv,
+                         test_answers=a.test_answers, grid=a.grid, hows=a.normalisations,
+                         how=a.how, k=a.k, seed=a.seed)
     except (DataError, ValueError) as e:
         sys.exit("error: %s" % e)
     print(r["tuning_table"].to_string(float_format="%.4f"))

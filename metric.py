@@ -24,11 +24,16 @@ def rank(scored):
 
 
 def ndcg_one(ranked, answers, k=5):
-    """Official NDCG@k of one ranked list against a set of correct product ids."""
+    """Official NDCG@k of one ranked list against a set of correct product ids.
+
+    A product listed again counts once, at its first place: repeats would add gain for the
+    same answer and lift the score above 1.
+    """
     answers = {int(a) for a in answers}
     if not answers:
         return 0.0
-    dcg = sum(1.0 / math.log2(i + 2) for i, p in enumerate(ranked[:k]) if int(p) in answers)
+    ranked = list(dict.fromkeys(int(p) for p in ranked))
+    dcg = sum(1.0 / math.log2(i + 2) for i, p in enumerate(ranked[:k]) if p in answers)
     idcg = sum(1.0 / math.log2(i + 2) for i in range(min(len(answers), k)))
     return dcg / idcg
 
@@ -78,15 +83,48 @@ def check_submission(rows, candidates=None, answers=None):
 # --------------------------------------------------------------------------------------
 # Answer and prediction files
 # --------------------------------------------------------------------------------------
+def _is_id(v):
+    """An id as JSON may hold it: a non-negative integer or its decimal string."""
+    return (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or \
+        (isinstance(v, str) and v.isascii() and v.isdigit())
+
+
+def _read_json(path, hint):
+    """A JSON file -> its value; DataError naming the file when it is missing, not UTF-8 or
+    not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError("%s: not found; %s" % (path, hint)) from None
+    except UnicodeDecodeError as e:
+        raise DataError("%s: not UTF-8 (%s; UTF-16 or another encoding?)" % (path, e.reason)) \
+            from None
+    except json.JSONDecodeError as e:
+        raise DataError("%s: not valid JSON (%s)" % (path, e)) from None
+
+
 def load_answers(path, candidates=None):
     """valid_answer.json -> {int query_id: set(product ids)}; checks them against candidates.
 
     candidates: ``read_candidates`` output or {query_id: [product_id, ...]}. A query with
     answers but no candidates is an error; answers that are not candidates are a warning.
     """
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    answers = {int(q): set(int(p) for p in ps) for q, ps in raw.items()}
+    raw = _read_json(path, "give the split's answer file (e.g. DATA/valid/valid_answer.json)")
+    if not isinstance(raw, dict):
+        raise DataError("%s: expected an object {query_id: [product_id, ...]}, got a %s"
+                        % (path, type(raw).__name__))
+    answers = {}
+    for q, ps in raw.items():
+        if not _is_id(q):
+            raise DataError("%s: query id %r is not an integer" % (path, q))
+        if not isinstance(ps, list):
+            raise DataError("%s: query %s: expected a list of product ids, got %r"
+                            % (path, q, ps))
+        for p in ps:
+            if not _is_id(p):
+                raise DataError("%s: query %s: product id %r is not an integer" % (path, q, p))
+        answers[int(q)] = {int(p) for p in ps}
     if candidates is not None:
         for q, ps in answers.items():
             if q not in candidates:
@@ -121,13 +159,7 @@ def write_predictions(scores, path):
 
 def load_predictions(path):
     """``{"<qid>": [["<pid>", score], ...]}`` -> {int qid: {int pid: float score}}."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise DataError("%s: not found; run that model's validation.py first" % path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError("%s: not valid JSON (%s)" % (path, e)) from None
+    raw = _read_json(path, "run that model's validation.py first")
     if not isinstance(raw, dict) or not raw:
         raise DataError("%s: expected a non-empty {query_id: [[product_id, score], ...]}" % path)
     out = {}

@@ -7,7 +7,8 @@ vocabulary); optionally every train product packed into one memory-mapped store.
 
 Across machines: ``preprocess ... --shard I/N`` for every I (any order, in parallel), then
 ``preprocess ... --merge``. Every file is written atomically and a rerun skips the products
-already written, so a killed run is resumed by running it again (docs/data.md).
+already written (once their CRC-32 shows them whole), so a killed run is resumed by running it
+again (docs/data.md).
 """
 import argparse
 import io
@@ -18,6 +19,7 @@ import pickle
 import re
 import struct
 import sys
+import zipfile
 import zlib
 
 import numpy as np
@@ -27,6 +29,7 @@ from tsv import FEAT_DIM, DataError, iter_lines, line_number, parse_row
 
 META_COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "query", "query_id"]
 META_INTS = ["offset", "product_id", "image_h", "image_w", "num_boxes", "query_id"]
+NPZ_MEMBERS = {"features.npy", "boxes.npy", "class_labels.npy", "image_hw.npy"}
 log = logging.getLogger("kddmm")
 
 
@@ -63,6 +66,31 @@ def npz_parts(arrays):
     cd = b"".join(central)
     return parts + [cd, struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central),
                                     len(cd), offset, 0)]
+
+
+def npz_intact(path):
+    """Whether ``path`` is a whole .npz: every member present and matching its CRC-32. A
+    torn file, or one with a flipped byte, is not; neither is a missing one."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+            if {i.filename for i in infos} != NPZ_MEMBERS:
+                return False
+            if any(i.compress_type != zipfile.ZIP_STORED for i in infos):  # --compress
+                return z.testzip() is None
+            for i in infos:  # stored: the CRC of the bytes in place (testzip takes 5x longer)
+                o = i.header_offset
+                if data[o:o + 4] != b"PK\x03\x04":
+                    return False
+                start = o + 30 + sum(struct.unpack_from("<HH", data, o + 26))
+                member = memoryview(data)[start:start + i.file_size]
+                if len(member) != i.file_size or zlib.crc32(member) != i.CRC:
+                    return False
+        return True
+    except (OSError, zipfile.BadZipFile, zlib.error, struct.error, EOFError):
+        return False
 
 
 def save_npz_atomic(path, compress=False, **arrays):
@@ -119,8 +147,11 @@ def _preprocess_range(job):
             if text is None:
                 raise ValueError("truncated last line (no newline)")
             # the id only: split(b"\t", 1) would copy the 40 KB rest of the line
-            out = utils.npz_path(features, text[:text.find(b"\t")].decode("ascii", "replace"))
-            row = parse_row(text, with_arrays=not os.path.exists(out))
+            pid = text[:text.find(b"\t")]
+            out = utils.npz_path(features, pid) if pid.isdigit() and len(pid) <= 19 else None
+            # a file already there (a rerun) is kept only when whole: decoding the row again
+            # costs 5x checking it
+            row = parse_row(text, with_arrays=out is None or not npz_intact(out))
             if "features" in row:
                 _save_row(row, out, compress)
         except ValueError as e:
@@ -241,6 +272,9 @@ def preprocess(data, *, features=None, info="info", workers=1, skip_bad=False, c
     bad = [(line_number(path, off), reason) for off, reason in sorted(bad)]
     if bad and not skip_bad:
         raise DataError("%s:%d: %s (use --skip-bad to skip and count bad rows)" % (path, *bad[0]))
+    if not len(meta[1]):
+        raise DataError("%s: no good rows (%d bad rows skipped); %s/ left as it was"
+                        % (path, len(bad), info))
     ints, texts = meta
     df = pd.DataFrame({c: texts if c == "query" else ints[:, META_INTS.index(c)]
                        for c in META_COLUMNS})
@@ -260,12 +294,13 @@ def preprocess(data, *, features=None, info="info", workers=1, skip_bad=False, c
             raise DataError("%s:%d: %s" % (path, line, msg))
         _rewrite_rows(path, offsets[np.flatnonzero(twice)].tolist(), features, compress)
         bad.append((line, msg + "; kept the first"))
-        df = df[~dup]
+        df, offsets = df[~dup], offsets[~dup.to_numpy()]
     df = df.reset_index(drop=True)
     if bad:
         log.warning("%s: skipped %d bad rows:\n  %s", path, len(bad),
                     "\n  ".join("line %d: %s" % b for b in bad[:50]))
-    build_info(df, info, kmeans_k=kmeans_k, seed=seed, min_count=min_count)
+    build_info(df, info, kmeans_k=kmeans_k, seed=seed, min_count=min_count,
+               where=lambda i: (path, line_number(path, int(offsets[i]))))
     return df
 
 
@@ -288,6 +323,9 @@ def pack(features, info, out=None, fp16=False, progress=True):
     """
     from tqdm import tqdm
     queries, _ = utils.load_info(info)
+    if not len(queries["products"].flat):
+        raise DataError("%s: lists no products; nothing to pack (rerun preprocess)"
+                        % os.path.join(info, "queries.pkl"))
     order = np.argsort(queries["products"].flat, kind="stable")
     pids = queries["products"].flat[order]
     offsets = np.zeros(len(pids) + 1, np.int64)
@@ -328,16 +366,58 @@ def pack(features, info, out=None, fp16=False, progress=True):
 # --------------------------------------------------------------------------------------
 # info/
 # --------------------------------------------------------------------------------------
-def build_info(df, info, *, kmeans_k=None, seed=0, min_count=1):
+def _two_texts(df, where=None):
+    """A DataError naming the first query id whose rows carry two texts, or None.
+
+    where: row position -> (file, line), for a message that points at both rows.
+    """
+    g = df.groupby("query_id", sort=True)["query"]
+    odd = np.flatnonzero((df["query"] != g.transform("first")).to_numpy())
+    if not len(odd):
+        return None
+    j = int(odd[0])
+    q = int(df.query_id.iat[j])
+    i = int(np.flatnonzero((df.query_id == q).to_numpy())[0])
+    a, b = df["query"].iat[i], df["query"].iat[j]
+    if where is None:
+        return DataError("train: query_id %d has two different texts: %r and %r" % (q, a, b))
+    (path, li), (_, lj) = where(i), where(j)
+    return DataError("%s:%d: query_id %d has two different texts: %r (line %d) and %r (line %d)"
+                     % (path, lj, q, a, li, b, lj))
+
+
+def _write_together(folder, writers):
+    """{name: write(path)} -> every file written under a temporary name, then all renamed:
+    a failure on the way leaves ``folder`` as it was (never a new queries.pkl beside an old
+    vocab.json)."""
+    tmp = {name: os.path.join(folder, name + ".new") for name in writers}
+    try:
+        for name, write in writers.items():
+            write(tmp[name])
+    except BaseException:
+        for p in tmp.values():
+            if os.path.exists(p):
+                os.remove(p)
+        raise
+    for name, p in tmp.items():
+        os.replace(p, os.path.join(folder, name))
+
+
+def build_info(df, info, *, kmeans_k=None, seed=0, min_count=1, where=None):
     """The train rows (a DataFrame of META_COLUMNS) -> ``info/``: every query with its text,
-    tokens, last word, K-Means cluster, products and their box counts; the vocabulary."""
+    tokens, last word, K-Means cluster, products and their box counts; the vocabulary.
+
+    where: row position -> (file, line), for errors. The files are replaced together or not
+    at all.
+    """
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.feature_extraction.text import TfidfVectorizer
-    g = df.groupby("query_id", sort=True)
-    texts = g["query"].first()
-    if (g["query"].nunique() > 1).any():
-        q = int(texts.index[(g["query"].nunique() > 1).values][0])
-        raise DataError("train: query_id %d carries two different query texts" % q)
+    if not len(df):
+        raise DataError("no train rows to build %s/ from" % info)
+    err = _two_texts(df, where)
+    if err:
+        raise err
+    texts = df.groupby("query_id", sort=True)["query"].first()
     qids = texts.index.to_numpy(np.int64)
     # one string per distinct word and arrays cut by query: with millions of rows, new
     # strings and Python ints per query were most of the peak memory
@@ -359,16 +439,18 @@ def build_info(df, info, *, kmeans_k=None, seed=0, min_count=1):
     vocab, counts = utils.Vocab.build(tokens, min_count)
     # Ragged rows are pickled as their plain state: the file needs no class of this project
     # to load
-    _pickle({"query_id": qids, "text": list(texts),
-             "tokens": utils.Ragged.from_words(tokens).state(), "products": products.state(),
-             "num_boxes": num_boxes.state(), "last_word": np.array(last, dtype=object),
-             "cluster": clusters}, os.path.join(info, "queries.pkl"))
-    utils.atomic_json({"itos": vocab.itos, "counts": {w: counts[w] for w in vocab.itos[4:]},
-                 "min_count": min_count}, os.path.join(info, "vocab.json"))
-    utils.atomic_json({"rows": len(df), "products": int(df.product_id.nunique()),
-                 "queries": len(qids), "vocab": len(vocab), "kmeans_k": k,
-                 "last_word_groups": len(set(last)), "seed": seed},
-                os.path.join(info, "meta.json"))
+    queries = {"query_id": qids, "text": list(texts),
+               "tokens": utils.Ragged.from_words(tokens).state(), "products": products.state(),
+               "num_boxes": num_boxes.state(), "last_word": np.array(last, dtype=object),
+               "cluster": clusters}
+    meta = {"rows": len(df), "products": int(df.product_id.nunique()), "queries": len(qids),
+            "vocab": len(vocab), "kmeans_k": k, "last_word_groups": len(set(last)), "seed": seed}
+    _write_together(info, {
+        "queries.pkl": lambda p: _pickle(queries, p),
+        "vocab.json": lambda p: utils.atomic_json(
+            {"itos": vocab.itos, "counts": {w: counts[w] for w in vocab.itos[4:]},
+             "min_count": min_count}, p),
+        "meta.json": lambda p: utils.atomic_json(meta, p)})
     log.info("info: %d rows, %d queries, %d words, %d last-word groups, %d clusters",
              len(df), len(qids), len(vocab), len(set(last)), k)
 

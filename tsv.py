@@ -14,6 +14,10 @@ import numpy as np
 
 FEAT_DIM = 2048
 N_CLASSES = 33
+# Bottom-up-attention features are non-negative with maxima in the tens: a value beyond
+# this is a broken row, and one at 3e38 turns every weight into NaN at the first step
+FEATURE_LIMIT = 1e4
+INT64_MAX = 2 ** 63 - 1  # ids and sizes become int64 arrays (and ids file names)
 COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "boxes", "features",
            "class_labels", "query", "query_id"]
 log = logging.getLogger("kddmm")
@@ -75,6 +79,9 @@ def parse_row(line, with_arrays=True):
                     ("query_id", qid)):
         if not v.isdigit() or not v.isascii():
             raise ValueError("%s must be a non-negative integer, got %r" % (name, _ascii(v[:40])))
+        if len(v) > 19 or int(v) > INT64_MAX:  # the length first: int() of 5000 digits raises
+            raise ValueError("%s %s%s is beyond int64 (at most %d)"
+                             % (name, _ascii(v[:25]), "..." if len(v) > 25 else "", INT64_MAX))
     n, h, w = int(n), int(h), int(w)
     if n < 1:
         raise ValueError("num_boxes must be >= 1, got %d" % n)
@@ -93,8 +100,12 @@ def parse_row(line, with_arrays=True):
         b = _decode(boxes, np.float32, (n, 4), "boxes")
         f = _decode(feats, np.float32, (n, FEAT_DIM), "features")
         c = _decode(labels, np.int64, (n,), "class_labels")
-        if not np.isfinite(f).all() or not np.isfinite(b).all():
-            raise ValueError("features or boxes contain NaN or infinity")
+        lo, hi = f.min(), f.max()  # NaN propagates: one test for range and NaN
+        if not (-FEATURE_LIMIT <= lo and hi <= FEATURE_LIMIT) or not np.isfinite(b).all():
+            if not np.isfinite(f).all() or not np.isfinite(b).all():
+                raise ValueError("features or boxes contain NaN or infinity")
+            raise ValueError("a feature is %g, beyond the limit |x| <= %g (tsv.FEATURE_LIMIT)"
+                             % (hi if hi > FEATURE_LIMIT else lo, FEATURE_LIMIT))
         if c.min() < 0 or c.max() >= N_CLASSES:
             raise ValueError("class label outside 0..%d" % (N_CLASSES - 1))
         tol = 1.0  # detectors emit boxes a pixel past the border
@@ -106,6 +117,20 @@ def parse_row(line, with_arrays=True):
     return row
 
 
+def check_header(path, line):
+    """The first line of a split must name the nine COLUMNS in their order: rows are read by
+    position, so columns in another order would be read as the wrong fields."""
+    header = line.rstrip(b"\r\n").decode("utf-8", "replace").split("\t")
+    if header == COLUMNS:
+        return
+    if sorted(header) == sorted(COLUMNS):
+        raise DataError("%s:1: the columns are in another order (%s); rows are read by "
+                        "position, in the competition's order %s: reorder the file"
+                        % (path, ", ".join(header), ", ".join(COLUMNS)))
+    raise DataError("%s:1: missing header row or not the columns %s (got %r)"
+                    % (path, ", ".join(COLUMNS), header[:3]))
+
+
 def iter_lines(path, start=0, end=None, raw=False):
     """Yield (byte offset, text) of the data lines whose first byte lies in [start, end).
 
@@ -114,9 +139,7 @@ def iter_lines(path, start=0, end=None, raw=False):
     """
     with open(path, "rb") as f:
         if start == 0:
-            header = f.readline().rstrip(b"\r\n").decode("utf-8", "replace").split("\t")
-            if header[:1] != ["product_id"]:
-                raise DataError("%s:1: missing header row (got %r)" % (path, header[:3]))
+            check_header(path, f.readline())
         else:
             f.seek(start - 1)
             f.readline()  # finish the line that straddles the boundary
@@ -149,30 +172,38 @@ def line_number(path, offset):
     return n
 
 
-def read_candidates(path, skip_bad=False):
+def read_candidates(path, skip_bad=False, with_arrays=True):
     """Read a valid/test TSV -> {query_id: {"query": str, "products": [row dicts]}}.
 
     Candidate splits are small (about 15k rows) and read directly, as the original did.
+    A product listed twice for one query is a bad row (it would count twice in NDCG), as
+    is a query id whose rows carry two texts. ``with_arrays=False``: ids and texts only.
     """
-    out, bad = {}, []
-    for off, text in iter_lines(path):
+    out, bad, first = {}, [], {}  # first: query id, (query id, product id) -> first line
+    for line, (_, text) in enumerate(iter_lines(path), start=2):
         try:
             if text is None:
                 raise ValueError("truncated last line")
             if isinstance(text, Exception):
                 raise text
-            row = parse_row(text)
+            row = parse_row(text, with_arrays)
+            q, pid = row["query_id"], row["product_id"]
+            if (q, pid) in first:
+                raise ValueError("query %d lists product %d again (first on line %d)"
+                                 % (q, pid, first[q, pid]))
         except ValueError as e:
-            msg = "%s:%d: %s" % (path, line_number(path, off), e)
+            msg = "%s:%d: %s" % (path, line, e)
             if not skip_bad:
                 raise DataError(msg) from None
             bad.append(msg)
             continue
-        q = out.setdefault(row["query_id"], {"query": row["query"], "products": []})
-        if q["query"] != row["query"]:
-            raise DataError("%s:%d: query_id %d has two different texts"
-                            % (path, line_number(path, off), row["query_id"]))
-        q["products"].append(row)
+        if q in out and out[q]["query"] != row["query"]:
+            raise DataError("%s:%d: query_id %d has two different texts: %r (line %d) and %r "
+                            "(line %d)" % (path, line, q, out[q]["query"], first[q], row["query"],
+                                           line))
+        first.setdefault(q, line)
+        first[q, pid] = line
+        out.setdefault(q, {"query": row["query"], "products": []})["products"].append(row)
     if bad:
         log.warning("%s: skipped %d bad rows:\n  %s", path, len(bad), "\n  ".join(bad[:20]))
     return out

@@ -14,6 +14,8 @@ import os
 import pickle
 import random
 import re
+import zipfile
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -64,8 +66,20 @@ def normalize_boxes(boxes, h, w):
 
 
 def npz_path(features, pid):
-    """Where preprocessing writes product ``pid``'s arrays."""
-    return os.path.join(features, "%s.npz" % pid)
+    """Where preprocessing writes product ``pid``'s arrays: named by the integer, so that an
+    id written with a leading zero lands where the readers look."""
+    return os.path.join(features, "%d.npz" % int(pid))
+
+
+def check_max_boxes(max_boxes):
+    """None keeps every box; 0 or a negative count would silently mean all boxes or drop
+    them all (NaN from an empty mean)."""
+    if max_boxes is not None and max_boxes < 1:
+        raise DataError("max_boxes must be >= 1 (None keeps every box), got %d" % max_boxes)
+    return max_boxes
+
+
+CORRUPT = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 class ProductStore:
@@ -75,7 +89,7 @@ class ProductStore:
     """
 
     def __init__(self, folder, max_boxes=None):
-        self.folder, self.max_boxes = folder, max_boxes
+        self.folder, self.max_boxes = folder, check_max_boxes(max_boxes)
 
     def path(self, pid):
         return npz_path(self.folder, int(pid))
@@ -88,9 +102,9 @@ class ProductStore:
                 boxes, feats, labels = z["boxes"], z["features"], z["class_labels"]
         except FileNotFoundError:
             raise DataError("%s: missing; rerun `python prepare.py preprocess`" % path) from None
-        except (OSError, ValueError, KeyError, EOFError) as e:
-            raise DataError("%s: unreadable or corrupt (%s); delete it and rerun preprocess"
-                            % (path, e)) from None
+        except CORRUPT as e:
+            raise DataError("%s: corrupt or unreadable (%s); rerun `python prepare.py "
+                            "preprocess`, which rewrites it" % (path, e)) from None
         k = self.max_boxes or len(labels)
         return normalize_boxes(boxes[:k], h, w), np.asarray(feats[:k], np.float32), labels[:k]
 
@@ -110,17 +124,24 @@ class PackedStore:
     FILES = ("features.npy", "boxes.npy", "class_labels.npy")
 
     def __init__(self, folder, max_boxes=None):
-        self.folder, self.max_boxes = folder, max_boxes
+        self.folder, self.max_boxes = folder, check_max_boxes(max_boxes)
         index = os.path.join(folder, "index.npz")
         if not os.path.exists(index):
             raise DataError("%s: not found; run `python prepare.py pack --out %s`"
                             % (index, folder))
-        with np.load(index) as z:
-            self.pids, self.offsets = z["pids"], z["offsets"]
-        # plain ndarray views of the maps: slicing a np.memmap costs microseconds more
-        self.feats, self.boxes, self.labels = (
-            np.load(os.path.join(folder, name), mmap_mode="r").view(np.ndarray)
-            for name in self.FILES)
+        path = index
+        try:
+            with np.load(index) as z:
+                self.pids, self.offsets = z["pids"], z["offsets"]
+            # plain ndarray views of the maps: slicing a np.memmap costs microseconds more
+            arrays = []
+            for name in self.FILES:
+                path = os.path.join(folder, name)
+                arrays.append(np.load(path, mmap_mode="r").view(np.ndarray))
+        except CORRUPT as e:
+            raise DataError("%s: corrupt or unreadable (%s); rerun `python prepare.py pack`"
+                            % (path, e)) from None
+        self.feats, self.boxes, self.labels = arrays
 
     def __getstate__(self):
         return {"folder": self.folder, "max_boxes": self.max_boxes}
@@ -481,6 +502,7 @@ class CandidateSet:
     """
 
     def __init__(self, candidates, vocab, max_boxes=None):
+        check_max_boxes(max_boxes)
         self.qids = np.array(sorted(candidates), np.int64)
         self.texts = [candidates[q]["query"] for q in self.qids]
         self.tokens = [vocab.encode(tokenize(t)) for t in self.texts]

@@ -15,6 +15,7 @@ import synthetic
 import tsv
 import utils
 from metric import ndcg_at_k, ndcg_one
+from rows import make_row, write_tsv
 from tsv import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,20 +181,6 @@ def test_check_submission_rules():
         metric.check_submission([(1, [1, 2, 3, 4, 99])], candidates={1: [1, 2, 3, 4, 5, 6]})
 
 
-def _write_train(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write("\t".join(tsv.COLUMNS) + "\n")
-        f.writelines(rows)
-
-
-def _good_row(pid=100000001, n=2, query="red dress", qid=5):
-    rng = np.random.default_rng(pid)
-    return synthetic.tsv_row(pid, (500, 400, np.array([[0, 0, 100, 100]] * n, np.float32),
-                                   rng.random((n, 2048), dtype=np.float32),
-                                   np.zeros(n, np.int64)), query, qid)
-
-
 @pytest.mark.parametrize("mutate,reason", [
     (lambda r: r.replace("\t", "\t\t", 1), "columns"),
     (lambda r: "\t".join(r.split("\t")[:5]) + "\n", "columns"),
@@ -206,9 +193,9 @@ def _good_row(pid=100000001, n=2, query="red dress", qid=5):
 def test_bad_rows_name_file_line_reason(tmp_path, mutate, reason):
     data = str(tmp_path / "d")
     path = os.path.join(data, "train", "train.tsv")
-    rows = [_good_row(100000001 + i) for i in range(9)]
+    rows = [make_row(100000001 + i) for i in range(9)]
     rows[7] = mutate(rows[7])
-    _write_train(path, rows)
+    write_tsv(path, rows)
     with pytest.raises(DataError, match=r"train\.tsv:9: .*%s" % reason):
         prepare.preprocess(data, info=str(tmp_path / "i"), progress=False)
     assert not os.path.exists(os.path.join(data, "features", "..", "x.npz"))
@@ -219,8 +206,8 @@ def test_bad_rows_name_file_line_reason(tmp_path, mutate, reason):
 def test_truncated_last_line_and_crlf(tmp_path):
     data = str(tmp_path / "d")
     path = os.path.join(data, "train", "train.tsv")
-    rows = [_good_row(100000001 + i).replace("\n", "\r\n") for i in range(4)]
-    _write_train(path, rows + [_good_row(100000099)[:-500]])
+    rows = [make_row(100000001 + i).replace("\n", "\r\n") for i in range(4)]
+    write_tsv(path, rows + [make_row(100000099)[:-500]])
     with pytest.raises(DataError, match=r"train\.tsv:6: truncated"):
         prepare.preprocess(data, info=str(tmp_path / "i"), progress=False)
     assert len(prepare.preprocess(data, info=str(tmp_path / "i"), skip_bad=True,

@@ -12,6 +12,7 @@ import pytest
 import ensemble
 from ensemble import blend, normalise, write_submission
 from metric import load_predictions, ndcg_at_k, rank
+from rows import make_row, write_tsv
 from tsv import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,6 +255,8 @@ def pred_world(tmp_path):
         dump(p2, pred / ("%s_pred_model2.json" % split))
         with open(tmp_path / ("%s_answer.json" % split), "w") as f:
             json.dump({str(q): sorted(a) for q, a in answers.items()}, f)
+    write_tsv(str(tmp_path / "test.tsv"),
+              [make_row(p, qid=q, n=1) for q, ps in test[0].items() for p in ps])
     return tmp_path, valid, test
 
 
@@ -280,8 +283,9 @@ def test_main_cli(pred_world, capsys):
     tmp, valid, test = pred_world
     out = str(tmp / "out" / "submission.csv")
     r = ensemble.main(["--pred-dir", str(tmp / "prediction_result"), "--valid-answers",
-                       str(tmp / "valid_answer.json"), "--test-answers",
-                       str(tmp / "test_answer.json"), "--out", out, "--grid", "21"])
+                       str(tmp / "valid_answer.json"), "--test-tsv", str(tmp / "test.tsv"),
+                       "--test-answers", str(tmp / "test_answer.json"), "--out", out,
+                       "--grid", "21"])
     report = check_outputs(out, valid, test, 21)
     assert list(r["table"].columns) == ["valid", "test"]
     assert report["table"]["test"][2] > max(report["table"]["test"][:2])  # blend beats both
@@ -302,6 +306,7 @@ def test_notebook_runs_unedited(pred_world):
     out = str(tmp / "out" / "submission.csv")
     env = dict(os.environ, ENSEMBLE_PRED_DIR=str(tmp / "prediction_result"),
                ENSEMBLE_VALID_ANSWERS=str(tmp / "valid_answer.json"),
+               ENSEMBLE_TEST_TSV=str(tmp / "test.tsv"),
                ENSEMBLE_TEST_ANSWERS=str(tmp / "test_answer.json"), ENSEMBLE_OUT=out,
                ENSEMBLE_GRID="21")
     proc = subprocess.run(

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 
-import ensemble
 import faults
 import matching
 import metric
@@ -34,6 +33,7 @@ from multilabel import export_model, train as ml_train, validation as ml_validat
 from multilabel.model import load_export
 from model1 import model as m1_model, train as m1_train
 from model2 import model as m2_model, train as m2_train, validation as m2_validation
+from rows import make_row, write_tsv
 from sampler import NegativeSampler
 from tsv import DataError
 
@@ -43,24 +43,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------------------
 # Hand-made rows
 # --------------------------------------------------------------------------------------
-def _row(pid, query="red dress", qid=5, n=2, boxes=None, feats=None, labels=None):
-    """One TSV line (str, with its newline) of a 500x400 picture."""
-    feats = np.random.default_rng(pid).random((n, 2048), dtype=np.float32) \
-        if feats is None else feats
-    boxes = np.array([[0, 0, 100, 100]] * n, np.float32) if boxes is None else boxes
-    labels = np.zeros(n, np.int64) if labels is None else labels
-    return synthetic.tsv_row(pid, (500, 400, np.asarray(boxes, np.float32),
-                                   np.asarray(feats, np.float32), labels), query, qid)
-
-
-def _write_tsv(path, rows):
-    """rows: str or bytes lines; written as bytes so that invalid UTF-8 survives."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(("\t".join(tsv.COLUMNS) + "\n").encode())
-        f.writelines(r.encode() if isinstance(r, str) else r for r in rows)
-
-
 def _nan(n=2):
     f = np.ones((n, 2048), np.float32)
     f[-1, 7] = np.nan
@@ -68,20 +50,20 @@ def _nan(n=2):
 
 
 BAD_ROWS = {  # name -> (row 9 of train.tsv, the reason the error must give)
-    "nan feature": (_row(100000008, feats=_nan()), "NaN or infinity"),
-    "inf feature": (_row(100000008, feats=np.full((2, 2048), np.inf, np.float32)),
+    "nan feature": (make_row(100000008, feats=_nan()), "NaN or infinity"),
+    "inf feature": (make_row(100000008, feats=np.full((2, 2048), np.inf, np.float32)),
                     "NaN or infinity"),
-    "nan box": (_row(100000008, boxes=[[0, 0, np.nan, 9], [0, 0, 9, 9]]), "NaN or infinity"),
-    "box below the image": (_row(100000008, boxes=[[0, 0, 600, 100], [0, 0, 9, 9]]),
+    "nan box": (make_row(100000008, boxes=[[0, 0, np.nan, 9], [0, 0, 9, 9]]), "NaN or infinity"),
+    "box below the image": (make_row(100000008, boxes=[[0, 0, 600, 100], [0, 0, 9, 9]]),
                             "box outside the 500x400 image"),
-    "box left of the image": (_row(100000008, boxes=[[0, -30, 90, 100], [0, 0, 9, 9]]),
+    "box left of the image": (make_row(100000008, boxes=[[0, -30, 90, 100], [0, 0, 9, 9]]),
                               "box outside"),
-    "bottom above top": (_row(100000008, boxes=[[100, 0, 50, 100], [0, 0, 9, 9]]),
+    "bottom above top": (make_row(100000008, boxes=[[100, 0, 50, 100], [0, 0, 9, 9]]),
                          "bottom<top"),
-    "class label 33": (_row(100000008, labels=np.array([0, 33])), "class label outside"),
-    "non-UTF-8 query": (_row(100000008, query="red @@ dress").encode().replace(b"@@", b"\xff\xfe"),
+    "class label 33": (make_row(100000008, labels=np.array([0, 33])), "class label outside"),
+    "non-UTF-8 query": (make_row(100000008, query="red @@ dress").encode().replace(b"@@", b"\xff\xfe"),
                         "not UTF-8"),
-    "tab inside the query": (_row(100000008, query="red\tdress"), "found 10"),
+    "tab inside the query": (make_row(100000008, query="red\tdress"), "found 10"),
 }
 
 
@@ -90,9 +72,9 @@ def test_bad_train_row_is_an_error_or_skipped_with_a_count(tmp_path, caplog, cas
     """Error `train.tsv:9: reason`, info/ not written; --skip-bad keeps the 8 good rows and
     logs the count and the line. A tab in the query must never shift the columns."""
     data, info = str(tmp_path / "d"), str(tmp_path / "i")
-    rows = [_row(100000001 + i, qid=5 + i % 2) for i in range(9)]
+    rows = [make_row(100000001 + i, qid=5 + i % 2) for i in range(9)]
     rows[7], reason = BAD_ROWS[case]
-    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    write_tsv(os.path.join(data, "train", "train.tsv"), rows)
     with pytest.raises(DataError, match=r"train\.tsv:9: .*%s" % reason):
         prepare.preprocess(data, info=info, progress=False)
     assert not os.path.exists(os.path.join(info, "queries.pkl"))
@@ -106,9 +88,9 @@ def test_bad_train_row_is_an_error_or_skipped_with_a_count(tmp_path, caplog, cas
 @pytest.mark.slow
 def test_cli_bad_row_exits_non_zero_naming_file_and_line(tmp_path):
     data, info = str(tmp_path / "d"), str(tmp_path / "i")
-    rows = [_row(100000001 + i) for i in range(9)]
+    rows = [make_row(100000001 + i) for i in range(9)]
     rows[7] = BAD_ROWS["tab inside the query"][0]
-    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    write_tsv(os.path.join(data, "train", "train.tsv"), rows)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "preprocess", "--data",
                         data, "--info", info, "--workers", "1", "--no-progress"],
                        capture_output=True, text=True, timeout=120)
@@ -119,10 +101,10 @@ def test_cli_bad_row_exits_non_zero_naming_file_and_line(tmp_path):
 
 def test_bad_candidate_row_is_an_error_or_skipped_with_a_count(tmp_path, caplog):
     path = str(tmp_path / "valid" / "valid.tsv")
-    rows = [_row(103000001 + i, qid=7) for i in range(6)]
-    rows[3] = _row(103000004, qid=7, feats=_nan())
-    rows[4] = _row(103000005, query="red\tdress", qid=7)
-    _write_tsv(path, rows)
+    rows = [make_row(103000001 + i, qid=7) for i in range(6)]
+    rows[3] = make_row(103000004, qid=7, feats=_nan())
+    rows[4] = make_row(103000005, query="red\tdress", qid=7)
+    write_tsv(path, rows)
     with pytest.raises(DataError, match=r"valid\.tsv:5: .*NaN"):
         tsv.read_candidates(path)
     with caplog.at_level(logging.WARNING, logger="kddmm"):
@@ -137,26 +119,26 @@ def test_quotes_in_queries_round_trip_untouched(tmp_path):
     candidate reader exactly as written."""
     texts = ['women\'s "red" dress', 'say "hi shirt', "''single'' 'quoted' skirt",
              '"""triple"""']
-    rows = [_row(100000001 + 3 * i + j, query=t, qid=10 + i) for i, t in enumerate(texts)
+    rows = [make_row(100000001 + 3 * i + j, query=t, qid=10 + i) for i, t in enumerate(texts)
             for j in range(3)]
     data, info = str(tmp_path / "d"), str(tmp_path / "i")
-    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    write_tsv(os.path.join(data, "train", "train.tsv"), rows)
     df = prepare.preprocess(data, info=info, progress=False)
     assert sorted(set(df["query"])) == sorted(texts)
     queries, _ = utils.load_info(info)
     assert sorted(queries["text"]) == sorted(texts)
     assert queries["tokens"][queries["text"].index('say "hi shirt')] == ["say", "hi", "shirt"]
-    _write_tsv(str(tmp_path / "v.tsv"), rows)
+    write_tsv(str(tmp_path / "v.tsv"), rows)
     cands = tsv.read_candidates(str(tmp_path / "v.tsv"))
     assert sorted(c["query"] for c in cands.values()) == sorted(texts)
 
 
 def test_stopword_only_query_is_skipped_in_training_with_a_count(tmp_path, caplog):
     texts = ["red dress", "blue shirt", "the for with"]
-    rows = [_row(100000001 + 3 * i + j, query=t, qid=10 + i) for i, t in enumerate(texts)
+    rows = [make_row(100000001 + 3 * i + j, query=t, qid=10 + i) for i, t in enumerate(texts)
             for j in range(3)]
     data, info = str(tmp_path / "d"), str(tmp_path / "i")
-    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    write_tsv(os.path.join(data, "train", "train.tsv"), rows)
     prepare.preprocess(data, info=info, progress=False)
     queries, vocab = utils.load_info(info)
     k = list(queries["query_id"]).index(12)
@@ -176,10 +158,10 @@ def test_duplicate_product_id_is_an_error_or_keeps_the_first_row(tmp_path, caplo
     feats = str(tmp_path / "d" / "features")
     first = np.full((2, 2048), 1.0, np.float32)
     later = np.full((2, 2048), 2.0, np.float32)
-    rows = [_row(100000001 + i, qid=5 + i % 2) for i in range(9)]
-    rows[2] = _row(100000042, feats=first)
-    rows[7] = _row(100000042, feats=later, qid=6)
-    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    rows = [make_row(100000001 + i, qid=5 + i % 2) for i in range(9)]
+    rows[2] = make_row(100000042, feats=first)
+    rows[7] = make_row(100000042, feats=later, qid=6)
+    write_tsv(os.path.join(data, "train", "train.tsv"), rows)
     with pytest.raises(DataError, match=r"train\.tsv:9: duplicate product_id 100000042"):
         prepare.preprocess(data, info=info, progress=False)
     npz = os.path.join(feats, "100000042.npz")
@@ -197,14 +179,14 @@ def test_duplicate_product_id_is_an_error_or_keeps_the_first_row(tmp_path, caplo
 
 
 def test_one_query_id_with_two_texts_is_an_error(tmp_path):
-    rows = [_row(100000001 + i, qid=5) for i in range(4)]
-    rows[3] = _row(100000004, query="blue shirt", qid=5)
+    rows = [make_row(100000001 + i, qid=5) for i in range(4)]
+    rows[3] = make_row(100000004, query="blue shirt", qid=5)
     data, info = str(tmp_path / "d"), str(tmp_path / "i")
-    _write_tsv(os.path.join(data, "train", "train.tsv"), rows)
-    with pytest.raises(DataError, match="query_id 5 carries two different query texts"):
+    write_tsv(os.path.join(data, "train", "train.tsv"), rows)
+    with pytest.raises(DataError, match="query_id 5 has two different texts"):
         prepare.preprocess(data, info=info, progress=False)
     assert os.listdir(info) == []  # nothing half-built for a later stage to trust
-    _write_tsv(str(tmp_path / "v.tsv"), rows)
+    write_tsv(str(tmp_path / "v.tsv"), rows)
     with pytest.raises(DataError, match=r"v\.tsv:5: query_id 5 has two different texts"):
         tsv.read_candidates(str(tmp_path / "v.tsv"))
 
@@ -213,7 +195,7 @@ def test_answers_against_candidates(tmp_path, caplog):
     """A query with answers but no candidates is an error; an answer that is not among its
     query's candidates is a warning (it can never be ranked: NDCG stays below 1)."""
     path = str(tmp_path / "valid" / "valid.tsv")
-    _write_tsv(path, [_row(103000001 + i, qid=7) for i in range(4)])
+    write_tsv(path, [make_row(103000001 + i, qid=7) for i in range(4)])
     cands = tsv.read_candidates(path)
     ans = tmp_path / "valid_answer.json"
     ans.write_text(json.dumps({"7": [103000001, 103000099]}))
@@ -314,7 +296,7 @@ def _edit_valid(tiny_world, root, edit):
             rows.append(synthetic.tsv_row(r["product_id"], (
                 r["image_h"], r["image_w"], r["boxes"], r["features"], r["class_labels"]),
                 r["query"], r["query_id"]))
-    _write_tsv(os.path.join(root, "valid", "valid.tsv"), rows)
+    write_tsv(os.path.join(root, "valid", "valid.tsv"), rows)
     return root
 
 
@@ -399,36 +381,6 @@ def test_every_model_ranks_a_stopword_only_query(pre, tiny_world):
             assert np.isfinite([s for _, s in items]).all(), name
     ties = {s for _, s in results["model1"][q0]}
     assert len(ties) == 1  # no word to match: a tie, broken by product id
-
-
-def test_prediction_file_missing_a_query_is_an_error(tmp_path):
-    """ensemble: a valid (or, when test answers are given, test) query missing from the
-    prediction files stops the run before submission.csv is written."""
-    rng = np.random.default_rng(0)
-    cands = {q: [1000 * q + j for j in range(6)] for q in range(1, 7)}
-    answers = {str(q): ps[:2] for q, ps in cands.items()}
-    pred_dir = tmp_path / "pred"
-    for split in ("valid", "test"):
-        for m in ("model1", "model2"):
-            metric.write_predictions({q: [(p, float(rng.random())) for p in ps]
-                                     for q, ps in cands.items()},
-                                    str(pred_dir / ("%s_pred_%s.json" % (split, m))))
-    (tmp_path / "answers.json").write_text(json.dumps(answers))
-    out = str(tmp_path / "sub" / "submission.csv")
-    argv = ["--pred-dir", str(pred_dir), "--valid-answers", str(tmp_path / "answers.json"),
-            "--test-answers", str(tmp_path / "answers.json"), "--out", out, "--k", "2",
-            "--grid", "5"]
-    ensemble.main(argv)  # complete files: fine
-    os.remove(out)
-    for split in ("test", "valid"):
-        for m in ("model1", "model2"):
-            path = str(pred_dir / ("%s_pred_%s.json" % (split, m)))
-            preds = metric.load_predictions(path)
-            del preds[3]
-            metric.write_predictions({q: list(s.items()) for q, s in preds.items()}, path)
-        with pytest.raises(SystemExit, match="no entry for query 3"):
-            ensemble.main(argv)
-        assert not os.path.exists(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -562,10 +514,10 @@ def test_nothing_is_written_outside_the_given_folders(tmp_path, tiny_world, pre)
     """Product ids that are paths ('../x', '/abs', '..\\y') are bad rows, never file names;
     preprocessing writes only under features/ and info/, training only under --out."""
     data = tmp_path / "root" / "data"
-    rows = [_row(100000001 + i) for i in range(4)]
-    rows += [_row(100000009).replace("100000009", bad, 1)
+    rows = [make_row(100000001 + i) for i in range(4)]
+    rows += [make_row(100000009).replace("100000009", bad, 1)
              for bad in ["../x", "/tmp/kddmm_abs", "..\\y", "../../../x"]]
-    _write_tsv(str(data / "train" / "train.tsv"), rows)
+    write_tsv(str(data / "train" / "train.tsv"), rows)
     before = _snapshot(str(tmp_path))
     prepare.preprocess(str(data), features=str(data / "features"), info=str(data / "info"),
                      skip_bad=True, progress=False)

@@ -1,0 +1,317 @@
+"""Hostile input to the data side: each case is refused with the file, the line or key and
+the reason (or has the documented behaviour of docs/bad-input.md), and no later stage runs
+on poisoned or partial inputs."""
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import ensemble
+import metric
+import prepare
+import tsv
+import utils
+from rows import make_row, write_tsv
+from tsv import DataError
+
+
+def _train(tmp_path, rows, header=tsv.COLUMNS):
+    """A data root whose train.tsv holds ``rows`` -> (data, info)."""
+    data, info = str(tmp_path / "d"), str(tmp_path / "i")
+    write_tsv(os.path.join(data, "train", "train.tsv"), rows, header)
+    return data, info
+
+
+def _good_rows(n=9):
+    return [make_row(100000001 + i, qid=5 + i % 2) for i in range(n)]
+
+
+def _tree(folder):
+    out = {}
+    for d, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(d, name), "rb") as f:
+                out[os.path.relpath(os.path.join(d, name), folder)] = f.read()
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Feature range and --max-boxes
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", [3e38, -2e4])
+def test_huge_finite_feature_is_refused_with_the_limit(tmp_path, value):
+    rows = _good_rows()
+    f = np.ones((2, 2048), np.float32)
+    f[1, 5] = value
+    rows[7] = make_row(100000008, feats=f)
+    data, info = _train(tmp_path, rows)
+    with pytest.raises(DataError, match=r"train\.tsv:9: a feature is %s, beyond the limit "
+                                        r"\|x\| <= 10000" % re.escape("%g" % value)):
+        prepare.preprocess(data, info=info, progress=False)
+    assert not os.path.exists(os.path.join(info, "queries.pkl"))
+    df = prepare.preprocess(data, info=info, skip_bad=True, progress=False)
+    assert len(df) == 8 and 100000008 not in set(df.product_id)
+    path = write_tsv(str(tmp_path / "v.tsv"), rows)
+    with pytest.raises(DataError, match=r"v\.tsv:9: a feature is"):
+        tsv.read_candidates(path)
+    f[1, 5] = tsv.FEATURE_LIMIT  # the limit itself is accepted
+    tsv.parse_row(make_row(100000008, feats=f).rstrip("\n"))
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_max_boxes_below_one_is_refused(tiny_world, k):
+    with pytest.raises(DataError, match="max_boxes must be >= 1 .*got %d" % k):
+        utils.ProductStore(tiny_world.features, k)
+    with pytest.raises(DataError, match="max_boxes must be >= 1"):
+        utils.PackedStore(str(tiny_world.root), k)
+    cands = tsv.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv"))
+    _, vocab = utils.load_info(tiny_world.info)
+    with pytest.raises(DataError, match="max_boxes must be >= 1"):
+        utils.CandidateSet(cands, vocab, k)
+
+
+# --------------------------------------------------------------------------------------
+# The submission covers every test query
+# --------------------------------------------------------------------------------------
+def _ensemble_world(root):
+    """Prediction files of 6 valid and 6 test queries, 6 candidates each, and a data root
+    with valid answers and the test TSV -> (pred_dir, data)."""
+    rng = np.random.default_rng(0)
+    cands = {q: [103000000 + 10 * q + j for j in range(6)] for q in range(1, 7)}
+    pred, data = root / "pred", root / "data"
+    for split in ("valid", "test"):
+        for m in ensemble.MODELS:
+            metric.write_predictions({q: [(p, float(rng.random())) for p in ps]
+                                      for q, ps in cands.items()},
+                                     str(pred / ("%s_pred_%s.json" % (split, m))))
+    os.makedirs(data / "valid")
+    (data / "valid" / "valid_answer.json").write_text(
+        json.dumps({str(q): ps[:2] for q, ps in cands.items()}))
+    write_tsv(str(data / "testB" / "testB.tsv"),
+              [make_row(p, qid=q, n=1) for q, ps in cands.items() for p in ps])
+    return str(pred), str(data)
+
+
+def test_submission_needs_every_test_query_without_test_answers(tmp_path):
+    """The real-release case: no test answers. A test query of testB.tsv that the prediction
+    files lack stops the run, naming it; submission.csv is not written."""
+    pred, data = _ensemble_world(tmp_path / "t")
+    out = str(tmp_path / "sub" / "submission.csv")
+    argv = ["--pred-dir", pred, "--valid-answers",
+            os.path.join(data, "valid", "valid_answer.json"), "--out", out, "--k", "2",
+            "--grid", "5"]
+    ensemble.main(argv)  # testB/testB.tsv found beside valid/: complete, fine
+    os.remove(out)
+    for m in ensemble.MODELS:
+        path = os.path.join(pred, "test_pred_%s.json" % m)
+        preds = metric.load_predictions(path)
+        del preds[3], preds[5]
+        metric.write_predictions({q: list(s.items()) for q, s in preds.items()}, path)
+    with pytest.raises(SystemExit, match=r"test predictions lack 2 of the 6 queries of "
+                                         r".*testB\.tsv: query ids 3, 5"):
+        ensemble.main(argv)
+    assert not os.path.exists(out)
+    with pytest.raises(SystemExit, match=r"elsewhere\.tsv: not found"):
+        ensemble.main(argv + ["--test-tsv", str(tmp_path / "elsewhere.tsv")])
+    # a valid query of the answer file missing from the predictions stops it too
+    pred, data = _ensemble_world(tmp_path / "v")
+    for m in ensemble.MODELS:
+        path = os.path.join(pred, "valid_pred_%s.json" % m)
+        preds = metric.load_predictions(path)
+        del preds[3]
+        metric.write_predictions({q: list(s.items()) for q, s in preds.items()}, path)
+    argv[1], argv[3] = pred, os.path.join(data, "valid", "valid_answer.json")
+    with pytest.raises(SystemExit, match="no entry for query 3"):
+        ensemble.main(argv)
+    assert not os.path.exists(out)
+
+
+# --------------------------------------------------------------------------------------
+# Corrupt .npz
+# --------------------------------------------------------------------------------------
+def _damage(path, how):
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    if how == "truncated":
+        data = data[:len(data) // 2]
+    else:  # one flipped byte among the features
+        data[len(data) // 2] ^= 0x10
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped byte"])
+def test_corrupt_npz_is_named_and_a_rerun_rewrites_it(tiny_world, tmp_path, how):
+    data, info = str(tmp_path / "d"), str(tmp_path / "i")
+    os.makedirs(os.path.join(data, "train"))
+    shutil.copy(os.path.join(tiny_world.data, "train", "train.tsv"),
+                os.path.join(data, "train"))
+    feats = os.path.join(data, "features")
+    shutil.copytree(tiny_world.features, feats)
+    shutil.copytree(tiny_world.info, info)
+    pid = int(utils.load_info(info)[0]["products"].flat[0])
+    path = utils.npz_path(feats, pid)
+    _damage(path, how)
+    store = utils.ProductStore(feats)
+    msg = r"%s: corrupt .*rerun `python prepare.py preprocess`" % path
+    with pytest.raises(DataError, match=msg):
+        store.get(pid)
+    with pytest.raises(DataError, match=msg):
+        prepare.pack(feats, info, str(tmp_path / "pack"), progress=False)
+    prepare.preprocess(data, info=info, workers=1, progress=False)
+    with open(path, "rb") as a, open(utils.npz_path(tiny_world.features, pid), "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_corrupt_pack_is_named(tiny_world, tmp_path):
+    out = prepare.pack(tiny_world.features, tiny_world.info, str(tmp_path / "pack"),
+                       progress=False)
+    _damage(os.path.join(out, "index.npz"), "truncated")
+    with pytest.raises(DataError, match=r"index\.npz: corrupt .*rerun `python prepare.py pack"):
+        utils.PackedStore(out)
+
+
+# --------------------------------------------------------------------------------------
+# Ids: leading zeros, out of range
+# --------------------------------------------------------------------------------------
+def test_id_with_a_leading_zero_is_stored_where_readers_look(tmp_path):
+    rows = _good_rows()
+    rows[7] = make_row(102807161).replace("102807161", "0102807161", 1)
+    data, info = _train(tmp_path, rows)
+    df = prepare.preprocess(data, info=info, progress=False)
+    assert 102807161 in set(df.product_id)
+    feats = os.path.join(data, "features")
+    boxes, f, labels = utils.ProductStore(feats).get(102807161)
+    assert f.shape == (2, 2048)
+    prepare.pack(feats, info, str(tmp_path / "pack"), progress=False)
+    assert np.array_equal(utils.PackedStore(str(tmp_path / "pack")).get(102807161)[1], f)
+    cands = tsv.read_candidates(write_tsv(str(tmp_path / "v.tsv"), rows))
+    assert 102807161 in {r["product_id"] for r in cands[5]["products"]}
+
+
+OUT_OF_RANGE = {  # name -> (column, text); row 9 of train.tsv
+    "product_id beyond int64": (0, str(2 ** 63)),
+    "product_id too long for a file name": (0, "1" * 300),
+    "image_h beyond int64": (1, "9" * 30),
+    "num_boxes beyond int64": (3, str(2 ** 64)),
+    "query_id beyond int64": (8, "1" * 25),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OUT_OF_RANGE))
+def test_out_of_range_field_is_a_bad_row(tmp_path, case):
+    col, text = OUT_OF_RANGE[case]
+    rows = _good_rows()
+    cells = rows[7].rstrip("\n").split("\t")
+    cells[col] = text
+    rows[7] = "\t".join(cells) + "\n"
+    data, info = _train(tmp_path, rows)
+    name = tsv.COLUMNS[col]
+    with pytest.raises(DataError, match=r"train\.tsv:9: %s .*beyond int64" % name):
+        prepare.preprocess(data, info=info, workers=2, progress=False)
+    df = prepare.preprocess(data, info=info, workers=2, skip_bad=True, progress=False)
+    assert len(df) == 8
+    with pytest.raises(DataError, match=r"v\.tsv:9: %s .*beyond int64" % name):
+        tsv.read_candidates(write_tsv(str(tmp_path / "v.tsv"), rows))
+
+
+# --------------------------------------------------------------------------------------
+# Duplicate candidates
+# --------------------------------------------------------------------------------------
+def test_duplicate_candidates_do_not_inflate_ndcg(tmp_path):
+    assert metric.ndcg_one([7, 7, 7, 7, 7], {7}) == 1.0
+    assert metric.ndcg_one([7, 7, 8], {7, 8}) == pytest.approx(
+        metric.ndcg_one([7, 8], {7, 8}))
+    rows = [make_row(103000001 + i, qid=7) for i in range(6)]
+    rows[4] = rows[1]
+    path = write_tsv(str(tmp_path / "v.tsv"), rows)
+    with pytest.raises(DataError, match=r"v\.tsv:6: query 7 lists product 103000002 again "
+                                        r"\(first on line 3\)"):
+        tsv.read_candidates(path)
+    cands = tsv.read_candidates(path, skip_bad=True)
+    assert [r["product_id"] for r in cands[7]["products"]] == [103000001, 103000002, 103000003,
+                                                                103000004, 103000006]
+
+
+# --------------------------------------------------------------------------------------
+# A failed preprocess, an empty pack
+# --------------------------------------------------------------------------------------
+def test_failed_preprocess_leaves_info_as_it_was(tmp_path, monkeypatch):
+    data, info = _train(tmp_path, _good_rows())
+    prepare.preprocess(data, info=info, progress=False)
+    before = _tree(info)
+    bad = [make_row(100000101 + i).replace("\t2\t", "\t0\t", 1) for i in range(4)]
+    write_tsv(os.path.join(data, "train", "train.tsv"), bad)
+    with pytest.raises(DataError, match=r"train\.tsv: no good rows \(4 bad rows skipped\)"):
+        prepare.preprocess(data, info=info, skip_bad=True, progress=False)
+    assert _tree(info) == before
+    # a failure while writing info/ (here: the last file) leaves it as it was too
+    write_tsv(os.path.join(data, "train", "train.tsv"), _good_rows(6))
+    real = utils.atomic_json
+
+    def failing(obj, path):
+        if "meta.json" in path:
+            raise OSError(28, "No space left on device")
+        real(obj, path)
+    monkeypatch.setattr(utils, "atomic_json", failing)
+    with pytest.raises(OSError, match="No space left"):
+        prepare.preprocess(data, info=info, progress=False)
+    assert _tree(info) == before
+
+
+def test_pack_of_no_products_is_an_error(tiny_world, tmp_path):
+    info = str(tmp_path / "info")
+    shutil.copytree(tiny_world.info, info)
+    with open(os.path.join(info, "queries.pkl"), "rb") as f:
+        q = __import__("pickle").load(f)
+    q["products"] = utils.Ragged(np.zeros(0, np.int64), np.zeros(len(q["query_id"]) + 1,
+                                                                  np.int64)).state()
+    prepare._pickle(q, os.path.join(info, "queries.pkl"))
+    with pytest.raises(DataError, match=r"queries\.pkl: lists no products"):
+        prepare.pack(tiny_world.features, info, str(tmp_path / "pack"), progress=False)
+
+
+# --------------------------------------------------------------------------------------
+# Messages: answer files, two query texts, header order
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content,reason", [
+    (b'{"7": [103000001', "not valid JSON"),
+    ('{"7": [103000001]}'.encode("utf-16"), "not UTF-8"),
+    (b'[[7, 103000001]]', "expected an object"),
+    (b'{"x": [103000001]}', "query id 'x' is not an integer"),
+    (b'{"7": 103000001}', "query 7: expected a list of product ids"),
+    (b'{"7": ["a1"]}', "query 7: product id 'a1' is not an integer"),
+    (b'{"7": [1.5]}', "query 7: product id 1.5 is not an integer"),
+])
+def test_bad_answer_file_names_file_and_reason(tmp_path, content, reason):
+    path = tmp_path / "valid_answer.json"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=r"valid_answer\.json: .*%s" % reason):
+        metric.load_answers(str(path))
+    with pytest.raises(DataError, match=r"nope\.json: not found"):
+        metric.load_answers(str(tmp_path / "nope.json"))
+
+
+def test_two_query_texts_give_both_lines_and_texts(tmp_path):
+    rows = [make_row(100000001 + i, qid=5) for i in range(4)]
+    rows[3] = make_row(100000004, query="blue shirt", qid=5)
+    data, info = _train(tmp_path, rows)
+    msg = r"query_id 5 has two different texts: 'red dress' \(line 2\) and 'blue shirt' " \
+          r"\(line 5\)"
+    with pytest.raises(DataError, match=r"train\.tsv:5: " + msg):
+        prepare.preprocess(data, info=info, progress=False)
+    with pytest.raises(DataError, match=r"v\.tsv:5: " + msg):
+        tsv.read_candidates(write_tsv(str(tmp_path / "v.tsv"), rows))
+
+
+def test_header_in_another_order_says_so(tmp_path):
+    header = list(tsv.COLUMNS)
+    header[1], header[2] = header[2], header[1]
+    data, info = _train(tmp_path, _good_rows(), header)
+    with pytest.raises(DataError, match=r"train\.tsv:1: the columns are in another order"):
+        prepare.preprocess(data, info=info, progress=False)
+    with pytest.raises(DataError, match=r"v\.tsv:1: the columns are in another order"):
+        tsv.read_candidates(write_tsv(str(tmp_path / "v.tsv"), _good_rows(), header))
