@@ -190,6 +190,9 @@ def test_id_with_a_leading_zero_is_stored_where_readers_look(tmp_path):
     assert np.array_equal(utils.PackedStore(str(tmp_path / "pack")).get(102807161)[1], f)
     cands = tsv.read_candidates(write_tsv(str(tmp_path / "v.tsv"), rows))
     assert 102807161 in {r["product_id"] for r in cands[5]["products"]}
+    write_tsv(os.path.join(data, "train", "train.tsv"), rows + [make_row(102807161, qid=6)])
+    with pytest.raises(DataError, match=r"train\.tsv:11: duplicate product_id 102807161"):
+        prepare.preprocess(data, info=str(tmp_path / "i2"), progress=False)
 
 
 OUT_OF_RANGE = {  # name -> (column, text); row 9 of train.tsv
