@@ -25,7 +25,7 @@ import zlib
 import numpy as np
 
 import utils
-from tsv import FEAT_DIM, DataError, iter_lines, line_number, parse_row
+from tsv import FEAT_DIM, DataError, iter_lines, line_number, line_numbers, parse_row
 
 META_COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "query", "query_id"]
 META_INTS = ["offset", "product_id", "image_h", "image_w", "num_boxes", "query_id"]
@@ -269,7 +269,8 @@ def preprocess(data, *, features=None, info="info", workers=1, skip_bad=False, c
                  "meta": meta, "bad": bad}, _part_path(info, *shard))
         log.info("shard %d/%d: %d rows, %d bad", *shard, len(meta[1]), len(bad))
         return None
-    bad = [(line_number(path, off), reason) for off, reason in sorted(bad)]
+    bad = sorted(bad)
+    bad = list(zip(line_numbers(path, [off for off, _ in bad]), (reason for _, reason in bad)))
     if bad and not skip_bad:
         raise DataError("%s:%d: %s (use --skip-bad to skip and count bad rows)" % (path, *bad[0]))
     if not len(meta[1]):

@@ -161,15 +161,25 @@ def iter_lines(path, start=0, end=None, raw=False):
             pos += len(line)
 
 
-def line_number(path, offset):
-    """1-based line number of the line starting at byte ``offset`` (counted on demand)."""
-    n, done = 1, 0
+def line_numbers(path, offsets):
+    """1-based line numbers of the lines starting at the byte ``offsets`` (any order), counted
+    in one pass up to the last of them: a pass per offset would be quadratic in bad rows."""
+    out, n, done = [0] * len(offsets), 1, 0
     with open(path, "rb") as f:
-        while done < offset:
-            chunk = f.read(min(1 << 24, offset - done))
-            n += chunk.count(b"\n")
-            done += len(chunk)
-    return n
+        for i in sorted(range(len(offsets)), key=offsets.__getitem__):
+            while done < offsets[i]:
+                chunk = f.read(min(1 << 24, offsets[i] - done))
+                if not chunk:
+                    break
+                n += chunk.count(b"\n")
+                done += len(chunk)
+            out[i] = n
+    return out
+
+
+def line_number(path, offset):
+    """1-based line number of the line starting at byte ``offset``."""
+    return line_numbers(path, [offset])[0]
 
 
 def read_candidates(path, skip_bad=False, with_arrays=True):
