@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import engine
 import tsv
 import utils
 from multilabel import export_model, train as ml_train, validation as ml_validation
@@ -45,6 +46,13 @@ def test_multilabel_trains_and_logs(pretrained):
     assert ck["epoch"] == 1 and ck["args"]["preset"] == "tiny"
     best = max(log, key=lambda r: r["valid_ndcg5"])  # the first of equals, as fit keeps it
     assert utils.load_checkpoint(os.path.join(pretrained, "best.pt"))["epoch"] == best["epoch"]
+
+
+def test_pretraining_learning_rate_decays_per_epoch(pretrained):
+    """log.jsonl gives each epoch's rate after its scheduler step: that of the next epoch."""
+    gamma = ml_train.PRESETS["tiny"]["gamma"]
+    assert [r["lr"] for r in _log(pretrained)] == \
+        [pytest.approx([3e-3 * gamma ** (e + 1)], rel=1e-12) for e in range(2)]
 
 
 def test_export_loads_strictly_and_matches(pretrained, tiny_world):
@@ -108,6 +116,40 @@ def test_matching_stage_trains_and_predicts(stage, val, name, pretrained, tiny_w
         scores = [s for _, s in items]
         assert scores == sorted(scores, reverse=True)
     assert os.path.exists(os.path.join(pred, "test_pred_%s.json" % name))
+
+
+@pytest.mark.parametrize("stage", [m1_train, m2_train])
+def test_group_rates_decay_and_the_frozen_trunk_stays_bit_identical(stage, pretrained,
+                                                                     tiny_world, tmp_path,
+                                                                     monkeypatch):
+    """image side at lr_image, text side at lr_text, each decayed by gamma per epoch; after
+    training (default: trunk frozen) the trunk and the word embeddings are the export's,
+    bit for bit, while the image side has moved."""
+    export, out, trained = os.path.join(pretrained, "encoder.pt"), str(tmp_path / "run"), []
+    real_fit = engine.fit
+
+    def fit(args, model, *a, **k):  # keeps the model that main trains
+        trained.append(model)
+        return real_fit(args, model, *a, **k)
+    monkeypatch.setattr(engine, "fit", fit)
+    stage.main(_common(tiny_world, out, epochs=3) + ["--export", export, "--no-eval",
+                                                     "--steps-per-epoch", "2"])
+    p, log = stage.PRESETS["tiny"], _log(out)
+    assert len(log) == 3
+    for e, row in enumerate(log):
+        assert row["lr"] == pytest.approx([p["lr_image"] * p["gamma"] ** (e + 1),
+                                           p["lr_text"] * p["gamma"] ** (e + 1)], rel=1e-12)
+    ck = utils.load_checkpoint(os.path.join(out, "last.pt"))
+    assert ck["scheduler"]["base_lrs"] == [p["lr_image"], p["lr_text"]]
+    assert [g["weight_decay"] for g in ck["optimizer"]["param_groups"]] == \
+        [p["weight_decay"]] * 2
+    encoder, word_emb, _, _ = load_export(export)
+    model = trained[0]
+    after = model.encoder.trunk.state_dict()
+    for k, v in encoder.trunk.state_dict().items():
+        assert torch.equal(after[k], v), k
+    assert torch.equal((model.text.emb if stage is m1_train else model.emb).weight, word_emb)
+    assert not torch.equal(model.encoder.out[0].weight, encoder.out[0].weight)
 
 
 def test_matching_resume_equals_uninterrupted(pretrained, tiny_world, tmp_path):
