@@ -39,8 +39,9 @@ def main(argv=None):
     utils.setup_logging(dist.main)
     utils.seed_everything(args.seed, dist.rank)
     queries, vocab = utils.load_info(args.info)
-    negatives = sampler.NegativeSampler(queries, args.p_last, "cluster", args.p_near)
-    dataset = utils.PairDataset(queries, vocab, engine.build_store(args), negatives,
+    negatives = sampler.NegativeSampler(queries, p_last=args.p_last, fallback="cluster",
+                                        p_near=args.p_near)
+    dataset = utils.PairDataset(queries, vocab, engine.build_store(args), sampler=negatives,
                                 seed=args.seed)
     encoder, word_emb, _ = matching.load_pretrained(args.export, vocab, args.info)
     model = build_model(encoder, word_emb, args)
