@@ -152,6 +152,21 @@ def test_group_rates_decay_and_the_frozen_trunk_stays_bit_identical(stage, pretr
     assert not torch.equal(model.encoder.out[0].weight, encoder.out[0].weight)
 
 
+def test_only_rank_0_reads_the_evaluation_split(pretrained, tiny_world, tmp_path, monkeypatch):
+    """Rank 0 alone scores the split after each epoch: the other ranks never build it."""
+    def refuse(*a, **k):
+        raise AssertionError("a rank other than 0 read the evaluation split")
+    monkeypatch.setattr(utils.CandidateSet, "from_tsv", refuse)
+    monkeypatch.setattr(utils.Dist, "main", property(lambda self: False))  # as rank 1 sees it
+    export = ["--export", os.path.join(pretrained, "encoder.pt")]
+    for stage, extra in ((ml_train, []), (m1_train, export), (m2_train, export)):
+        out = str(tmp_path / stage.__name__)
+        history = stage.main(_common(tiny_world, out, epochs=1) + extra
+                             + ["--steps-per-epoch", "1"])
+        assert len(history) == 1 and "valid_ndcg5" not in history[0]
+        assert not os.path.exists(out)  # and writes nothing
+
+
 def test_matching_resume_equals_uninterrupted(pretrained, tiny_world, tmp_path):
     export = os.path.join(pretrained, "encoder.pt")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
