@@ -7,7 +7,8 @@
 4. a linear probe of the frozen trunk's pooled output for the colour a query names, beside
    the same probe on the raw features (what the trunk could have kept);
 5. how often the hard-negative sampler's negative query differs from the query by exactly
-   one attribute word (what the candidate lists of the hard world are made of).
+   one attribute word (what the candidate lists of the hard world are made of), with the
+   published draw and with ``--p-near 0.5``.
 
     python bench/diagnose.py --data DATA --info runs/info --packed runs/packed \
         --ckpt runs/multilabel/best.pt
@@ -107,14 +108,14 @@ def probe(x_train, y_train, x_test, y_test):
     return round(float(clf.score(sc.transform(x_test), y_test)), 4)
 
 
-def negative_kinds(queries, vocab, kinds, n=3000, seed=0):
+def negative_kinds(queries, kinds, p_near=0.0, n=3000, seed=0):
     """Shares of sampled negative queries: one attribute changed, same head, other."""
-    sampler = sampler.NegativeSampler(queries, 0.8, "cluster")
+    negatives = sampler.NegativeSampler(queries, 0.8, "cluster", p_near)
     rng = np.random.default_rng(seed)
     tokens = [list(t) for t in queries["tokens"]]
     counts = {"one_attribute_changed": 0, "same_head_other": 0, "other_head": 0}
     for qi in rng.integers(len(tokens), size=n):
-        a, b = tokens[qi], tokens[sampler.negative_query(qi, rng)]
+        a, b = tokens[qi], tokens[negatives.negative_query(qi, rng)]
         if not a or not b or a[-1] != b[-1]:
             counts["other_head"] += 1
             continue
@@ -171,7 +172,7 @@ def main(argv=None):
         "classes": len(set(y_tr[tr])), "train": int(tr.sum()), "test": int(te.sum()),
         "trunk_pooled": probe(t_pooled[tr], y_tr[tr], v_pooled[te], y_te[te]),
         "raw_sqrt_mean": probe(t_raw[tr], y_tr[tr], v_raw[te], y_te[te])}
-    out["negatives"] = negative_kinds(queries, vocab, kinds)
+    out["negatives"] = {"p_near %g" % p: negative_kinds(queries, kinds, p) for p in (0.0, 0.5)}
     print(json.dumps(out, indent=1))
     return out
 
