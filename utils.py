@@ -619,7 +619,7 @@ class Dist:
         One read back from the device for the whole dict: each read waits for the GPU.
         """
         import torch
-        keys = sorted(values)
+        keys = list(values)  # every rank builds the dict in the same order
         if not keys:
             return {}
         t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=self.device)
