@@ -6,6 +6,7 @@ dataset with ``set_epoch``, a collate, and on rank 0 optionally an
 ``evaluate(model) -> {metric: float}`` run after each epoch.
 """
 import argparse
+import collections
 import json
 import logging
 import os
@@ -36,7 +37,8 @@ def core_parser(description, presets):
                    help="read products from the .npz folder or from `prepare.py pack`'s store")
     g.add_argument("--packed", help="packed store folder (default: packed/ beside --features)")
     g.add_argument("--info", default=os.path.join(utils.ROOT, "info"), help="info/ folder")
-    g.add_argument("--max-boxes", type=int, help="keep at most this many boxes per product")
+    g.add_argument("--max-boxes", type=positive_int,
+                   help="keep at most this many boxes per product (default: every box)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip, count and list bad rows of the evaluation split")
@@ -53,6 +55,16 @@ def core_parser(description, presets):
     g.add_argument("--no-progress", action="store_true")
     utils.add_launcher_args(p)
     return p
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1 (``--max-boxes 0`` once meant every box, -1 dropped
+    the last one)."""
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be >= 1 (leave it out to keep every box), got %d"
+                                         % v)
+    return v
 
 
 def apply_preset(args, presets):
@@ -138,15 +150,19 @@ def to_device(batch, device):
 def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch):
     """One pass over ``loader`` -> {loss and each part: mean over the steps and the ranks,
     samples_per_s}. The sums stay on the device: reading a value back waits for the GPU,
-    so the loop does it once per epoch, and every PROGRESS_EVERY steps for the bar."""
+    so the loop does it every PROGRESS_EVERY steps and at the end of the epoch, where it
+    checks that no loss and no parameter is NaN or infinite (``check_finite``)."""
     model.train()
     sums, n, seen, t0 = {}, 0, 0, time.time()
     from tqdm import tqdm
     steps = len(loader) if not args.steps_per_epoch else min(len(loader), args.steps_per_epoch)
     bar = tqdm(total=steps, desc="epoch %d" % epoch, disable=not dist.main or args.no_progress)
+    first_bad = torch.tensor(-1, device=dist.device)  # first step with a non-finite loss
+    recent = collections.deque(maxlen=PROGRESS_EVERY)  # (step, product ids) not yet checked
     for step, batch in enumerate(loader):
         if step >= steps:
             break
+        recent.append((step, [batch.pop(k) for k in ("pid", "npid") if k in batch]))
         batch = to_device(utils.unflatten(batch, dist.device), dist.device)
         with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
@@ -159,20 +175,52 @@ def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch)
         else:
             loss.backward()
             opt.step()
+        bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+        first_bad = torch.where(bad, torch.tensor(step, device=dist.device), first_bad)
         for k, v in {"loss": loss, **parts}.items():
             v = v.detach().double()  # float64: the sums a Python float would give
             sums[k] = sums[k] + v if k in sums else v
         n += 1
         seen += len(batch["p_feats"])
-        if not bar.disable and n % PROGRESS_EVERY == 0:
-            bar.set_postfix(loss="%.4f" % (sums["loss"] / n).item())
+        if n % PROGRESS_EVERY == 0:
+            mean = check_finite(first_bad, sums["loss"] / n, recent, epoch=epoch)
+            if not bar.disable:
+                bar.set_postfix(loss="%.4f" % mean)
         bar.update()
+    if n:
+        check_finite(first_bad, sums["loss"] / n, recent, epoch=epoch, model=model)
     stats = dist.mean({k: v / max(1, n) for k, v in sums.items()})
     if "loss" in stats:
         bar.set_postfix(loss="%.4f" % stats["loss"])
     bar.close()
     stats["samples_per_s"] = seen * dist.world / max(1e-9, time.time() - t0)
     return stats
+
+
+def check_finite(first_bad, mean_loss, recent, *, epoch, model=None):
+    """Stop training at the first NaN or infinite loss (or, given ``model``, parameter),
+    naming the step and its batch's products: every later step, and so every checkpoint,
+    would be NaN. One read back from the device -> the mean loss so far."""
+    checks = [first_bad.double(), mean_loss.double()]
+    if model is not None:
+        checks.append(torch.stack([torch.isfinite(p).all() for p in model.parameters()
+                                   if p.requires_grad]).all().double())
+    got = torch.stack(checks).tolist()
+    what = None
+    if got[0] >= 0:
+        step, what = int(got[0]), "the loss is NaN or infinite"
+    elif len(got) > 2 and not got[2]:
+        step, what = recent[-1][0], "a parameter is NaN or infinite after the update"
+    if what is not None:
+        products = [pids for s, pids in recent if s == step]
+        pids = sorted({int(p) for t in (products[0] if products else []) for p in t})
+        raise utils.DataError(
+            "epoch %d, step %d: %s; the batch's products: %s%s. Check their features "
+            "(prepare.py range-checks them), or lower --lr" % (
+                epoch, step, what, pids[:20] or "(not recorded)",
+                " and %d more" % (len(pids) - 20) if len(pids) > 20 else ""))
+    recent.clear()
+    return got[1]
 
 
 def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_state=None):

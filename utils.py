@@ -448,9 +448,9 @@ def collate_pairs(batch, flat=False):
     """PairDataset items -> what the models' ``forward`` reads (L: longest query, N/M: most
     boxes, PAD = 0).
 
-    q_tokens (B, L) long, qi (B,) query indices, p_boxes (B, N, 5), p_feats (B, N, D),
+    q_tokens (B, L) long, qi (B,) query indices, pid (B,) product ids, p_boxes (B, N, 5), p_feats (B, N, D),
     p_mask (B, N) bool (True on real boxes); caption_in (B, L+1) = [BOS] + ids,
-    caption_out (B, L+1) = ids + [EOS]; with negatives also nq_tokens (B, L'),
+    caption_out (B, L+1) = ids + [EOS]; with negatives also nq_tokens (B, L'), npid (B,),
     n_boxes (B, M, 5), n_feats (B, M, D), n_mask (B, M).
 
     ``flat=True`` leaves the regions unpadded: p_boxes (R, 5), p_feats (R, D) and
@@ -463,12 +463,14 @@ def collate_pairs(batch, flat=False):
     out = {}
     out["q_tokens"], _ = pad_tokens(qs)
     out["qi"] = torch.tensor([b["qi"] for b in batch], dtype=torch.long)
+    out["pid"] = torch.tensor([b["pid"] for b in batch], dtype=torch.long)
     out["p_boxes"], out["p_feats"], out["p_lengths" if flat else "p_mask"] = \
         regions([b["p"] for b in batch])
     out["caption_in"], _ = pad_tokens([[BOS] + q for q in qs])
     out["caption_out"], _ = pad_tokens([q + [EOS] for q in qs])
     if "nq" in batch[0]:
         out["nq_tokens"], _ = pad_tokens([b["nq"] for b in batch])
+        out["npid"] = torch.tensor([b["npid"] for b in batch], dtype=torch.long)
         out["n_boxes"], out["n_feats"], out["n_lengths" if flat else "n_mask"] = \
             regions([b["np"] for b in batch])
     return out

@@ -61,7 +61,8 @@ def main(argv=None):
     p.add_argument("--split", default="valid")
     p.add_argument("--captions", type=int, default=8, help="products to caption")
     p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--max-boxes", type=int)
+    p.add_argument("--max-boxes", type=engine.positive_int,
+                   help="keep at most this many boxes per product (default: every box)")
     p.add_argument("--skip-bad", action="store_true", help="skip, count and list bad rows")
     a = p.parse_args(argv)
     model, vocab, ck = load_pretrainer(a.ckpt)

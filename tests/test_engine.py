@@ -1,6 +1,6 @@
 """The training loop on a toy model (seconds, no data on disk): --resume loads only a
-checkpoint that fits the model, and the loop reads losses back from the device once per
-epoch, not at every step."""
+checkpoint that fits the model, a non-finite loss or parameter stops training, and the loop
+reads losses back from the device every PROGRESS_EVERY steps, not at every step."""
 import argparse
 import os
 import sys
@@ -29,6 +29,8 @@ class Toy(nn.Module):
 
 
 class Pairs(torch.utils.data.Dataset):
+    """48 pairs of products 1000..1047."""
+
     def __init__(self, n=48):
         g = torch.Generator().manual_seed(0)
         self.x, self.y = torch.randn(n, 3, generator=g), torch.randn(n, generator=g)
@@ -37,7 +39,7 @@ class Pairs(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, i):
-        return {"p_feats": self.x[i], "y": self.y[i]}
+        return {"p_feats": self.x[i], "y": self.y[i], "pid": 1000 + i}
 
     def set_epoch(self, epoch):
         pass
@@ -50,12 +52,62 @@ def _args(out, epochs, resume=False, progress=False):
                               local_rank=0)
 
 
-def _fit(args, model=None):
+def _fit(args, model=None, data=None, lr=1e-2):
     torch.manual_seed(0)
     model = model or Toy()
-    groups = [dict(params=list(model.parameters()), lr=1e-2, weight_decay=0.0)]
-    return engine.fit(args, model, Pairs(), dist=utils.Dist(), groups=groups,
+    groups = [dict(params=list(model.parameters()), lr=lr, weight_decay=0.0)]
+    return engine.fit(args, model, data or Pairs(), dist=utils.Dist(), groups=groups,
                       collate=torch.utils.data.default_collate)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_products(tmp_path):
+    """One product at 3e38 makes the loss infinite: training stops at that step, naming it
+    and its batch's products, and writes no checkpoint (no NaN model can become best.pt)."""
+    data = Pairs()
+    data.x[7] = 3e38
+    out = str(tmp_path / "run")
+    with pytest.raises(utils.DataError, match=r"epoch 0, step \d+: the loss is NaN or infinite; "
+                                              r"the batch's products: \[.*1007.*\]") as e:
+        _fit(_args(out, 2), data=data)
+    step = int(str(e.value).split("step ")[1].split(":")[0])
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=0,
+                                                  drop_last=True)
+    assert 7 in list(sampler)[4 * step:4 * step + 4]  # batch_size 4: the step that read it
+    assert not os.path.exists(os.path.join(out, "last.pt"))
+    assert not os.path.exists(os.path.join(out, "best.pt"))
+
+
+class Overflowing(Toy):
+    """A weight at -3.3e38 that Adam's first step (about lr) takes beyond float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.edge = nn.Parameter(torch.tensor(-3.3e38))
+
+    def forward(self, **batch):
+        loss, parts = super().forward(**batch)
+        return loss + 1e-3 * self.edge, parts
+
+
+def test_non_finite_parameters_stop_training(tmp_path):
+    """A finite loss whose update overflows a weight: caught before any checkpoint."""
+    out = str(tmp_path / "run")
+    args = _args(out, 1)
+    args.steps_per_epoch = 1
+    with pytest.raises(utils.DataError, match=r"epoch 0, step 0: a parameter is NaN or "
+                                              r"infinite after the update; the batch's "
+                                              r"products: \[10\d\d, "):
+        _fit(args, model=Overflowing(), lr=3e37)
+    assert not os.path.exists(os.path.join(out, "last.pt"))
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_max_boxes_below_one_is_refused_at_parsing(value, capsys):
+    p = engine.core_parser("toy", {"tiny": {}})
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--out", "x", "--max-boxes", value])
+    assert e.value.code == 2
+    assert "--max-boxes: must be >= 1" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_checkpoint_that_does_not_fit_naming_the_keys(tmp_path):
@@ -74,10 +126,10 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_naming_the_keys(tmp_path)
 
 
 @pytest.mark.parametrize("progress", [False, True])
-def test_the_loop_reads_the_device_once_per_epoch(tmp_path, monkeypatch, progress):
+def test_the_loop_reads_the_device_every_progress_window(tmp_path, monkeypatch, progress):
     """On a GPU each .item(), float(t), .tolist() waits for every queued kernel: 12 steps,
-    2 epochs, 2 reads by the loop (engine, utils), plus one every PROGRESS_EVERY (here 5)
-    steps with the progress bar on. (torch's own reads of CPU tensors, the optimizer's step count and
+    2 epochs, per epoch one read by utils (the mean over the ranks) and one by the loop every
+    PROGRESS_EVERY (here 5) steps and at the end, with the progress bar on or off. (torch's own reads of CPU tensors, the optimizer's step count and
     the sampler's permutation, are not the loop's.)"""
     loop = {os.path.abspath(engine.__file__), os.path.abspath(utils.__file__)}
     reads = []
@@ -95,4 +147,6 @@ def test_the_loop_reads_the_device_once_per_epoch(tmp_path, monkeypatch, progres
     monkeypatch.undo()
     assert len(history) == 2 and history[1]["mse"] < history[0]["mse"]
     assert history[0]["loss"] == history[0]["mse"]
-    assert len(reads) == 2 + 2 * (12 // 5 if progress else 0), reads
+    # per epoch: the mean, and the finiteness check (which the bar shares) every 5 steps
+    # and at the end
+    assert len(reads) == 2 * (1 + 12 // 5 + 1), reads

@@ -231,12 +231,13 @@ def _item(ids, n, nids=None, m=None):
     return it
 
 
-POSITIVE_KEYS = {"q_tokens", "qi", "p_boxes", "p_feats", "p_mask", "caption_in", "caption_out"}
+POSITIVE_KEYS = {"q_tokens", "qi", "pid", "p_boxes", "p_feats", "p_mask", "caption_in", "caption_out"}
 
 
 def test_collate_shapes_masks_and_caption():
     out = utils.collate_pairs([_item([5, 6, 7], 2), _item([8], 3)])
-    assert set(out) == POSITIVE_KEYS  # what the models read, nothing else
+    assert set(out) == POSITIVE_KEYS  # what the models read, and the ids errors name
+    assert out["pid"].tolist() == [102, 103]
     assert out["q_tokens"].tolist() == [[5, 6, 7], [8, PAD, PAD]]
     assert out["qi"].tolist() == [3, 1]
     assert out["p_boxes"].shape == (2, 3, 5) and out["p_feats"].shape == (2, 3, 4)
@@ -248,7 +249,8 @@ def test_collate_shapes_masks_and_caption():
     assert out["p_mask"].dtype == torch.bool and out["p_feats"].dtype == torch.float32
 
     out = utils.collate_pairs([_item([5], 1, [4, 4], 1), _item([6], 1, [3], 4)])
-    assert set(out) == POSITIVE_KEYS | {"nq_tokens", "n_boxes", "n_feats", "n_mask"}
+    assert set(out) == POSITIVE_KEYS | {"nq_tokens", "npid", "n_boxes", "n_feats", "n_mask"}
+    assert out["npid"].tolist() == [201, 204]
     assert out["nq_tokens"].tolist() == [[4, 4], [3, PAD]]
     assert out["n_boxes"].shape == (2, 4, 5) and out["n_feats"].shape == (2, 4, 4)
     assert out["n_mask"].sum(1).tolist() == [1, 4]
