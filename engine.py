@@ -241,9 +241,12 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
     last = os.path.join(args.out, "last.pt")
     # a job that torchrun restarted after a failure resumes by itself (--max-restarts)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+    if args.resume and not os.path.exists(last):
+        raise utils.DataError("%s: not found; --resume continues a run from its last "
+                              "checkpoint (leave --resume out to start one)" % last)
     if (args.resume or restarted) and os.path.exists(last):
         ck = utils.load_checkpoint(last)
-        check_compatible(ck, args, extra_state)
+        check_compatible(ck, args, extra_state, world=dist.world)
         load_trainable(model, ck["model"], last)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -284,6 +287,7 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
             state = {"model": trainable_state(model), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
                      "history": history, "args": plain_args(args), "rng": rng_state(),
+                     "world": dist.world,
                      **(extra_state or {})}
             utils.save_checkpoint(state, last)
             if improved or evaluate is None:
@@ -323,17 +327,36 @@ def plain_args(args):
             if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
-# options that must match for a checkpoint to be resumed or loaded
-COMPAT_KEYS = ("preset",)
+# what may differ between a run and the run it resumes: how it runs, not what it computes
+# (the store is the same products in another layout; --skip-bad touches evaluation only)
+MAY_CHANGE = frozenset(["epochs", "workers", "no_progress", "resume", "local_rank", "out",
+                        "store", "packed", "skip_bad", "dist_timeout"])
+PATH_KEYS = frozenset(["data", "features", "info", "export"])
 
 
-def check_compatible(ck, args, extra_state=None):
-    """Refuse a checkpoint of another preset, or with another vocabulary or encoder config
-    (same-sized vocabularies would otherwise load silently into the wrong words)."""
-    for k in COMPAT_KEYS:
-        if k in ck.get("args", {}) and ck["args"][k] != getattr(args, k, None):
-            raise utils.DataError("checkpoint was trained with %s=%r, this run has %r"
-                                  % (k, ck["args"][k], getattr(args, k, None)))
+def check_compatible(ck, args, extra_state=None, world=1):
+    """Refuse to resume ``ck`` under other settings: every option outside MAY_CHANGE (the
+    preset and sizes, batch size, seed, data and info paths, learning rates and the other
+    optimisation settings) and the number of processes must equal the checkpoint's, and so
+    must the vocabulary and encoder config (same-sized vocabularies would otherwise load
+    silently into the wrong words)."""
+    now = plain_args(args)
+    changed = []
+    for k, was in sorted(ck.get("args", {}).items()):
+        if k in MAY_CHANGE or k not in now:
+            continue
+        same = (os.path.abspath(was) == os.path.abspath(now[k]) if k in PATH_KEYS and was
+                and now[k] else was == now[k])
+        if not same:
+            changed.append("--%s %r (this run: %r)" % (k.replace("_", "-"), was, now[k]))
+    if ck.get("world", world) != world:
+        changed.append("%d processes (this run: %d)" % (ck["world"], world))
+    if changed:
+        raise utils.DataError("checkpoint was trained with %s; resume with the same settings "
+                              "(only %s may change) or start a fresh --out"
+                              % (", ".join(changed), ", ".join(
+                                  "--" + k.replace("_", "-") for k in sorted(MAY_CHANGE)
+                                  if k not in ("resume", "local_rank"))))
     for k, v in (extra_state or {}).items():
         if k in ck and ck[k] != v:
             raise utils.DataError("checkpoint has another %s than this run (another info/ or "

@@ -77,6 +77,48 @@ def test_a_non_finite_loss_stops_training_naming_the_step_and_products(tmp_path)
     assert not os.path.exists(os.path.join(out, "best.pt"))
 
 
+@pytest.mark.parametrize("key,value,named", [
+    ("batch_size", 8, r"--batch-size 4 \(this run: 8\)"),
+    ("seed", 1, r"--seed 0 \(this run: 1\)"),
+    ("gamma", 0.9, r"--gamma 0.5 \(this run: 0.9\)"),
+    ("preset", "small", r"--preset 'tiny' \(this run: 'small'\)"),
+    ("data", "elsewhere", r"--data '.*data' \(this run: 'elsewhere'\)")])
+def test_resume_refuses_changed_settings_naming_them(tmp_path, key, value, named):
+    out = str(tmp_path / "run")
+    args = _args(out, 1)
+    args.data = str(tmp_path / "data")
+    _fit(args)
+    args = _args(out, 2, resume=True)
+    args.data = os.path.relpath(str(tmp_path / "data"))  # the same folder, written otherwise
+    args.workers = 1  # how it runs may change, as may the epochs
+    setattr(args, key, value)
+    with pytest.raises(utils.DataError, match=r"checkpoint was trained with %s; resume with the "
+                                              r"same settings \(only .*--epochs.* may change\)"
+                                              % named):
+        _fit(args)
+
+
+def test_resume_of_the_same_settings_continues_and_counts_processes(tmp_path):
+    out = str(tmp_path / "run")
+    args = _args(out, 1)
+    args.data = str(tmp_path / "data")
+    _fit(args)
+    args = _args(out, 2, resume=True)
+    args.data = os.path.relpath(str(tmp_path / "data"))
+    args.workers = 1
+    assert len(_fit(args)) == 2
+    ck = utils.load_checkpoint(os.path.join(out, "last.pt"))
+    with pytest.raises(utils.DataError, match=r"trained with 1 processes \(this run: 2\)"):
+        engine.check_compatible(ck, args, world=2)
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(utils.DataError, match=r"run/last\.pt: not found; --resume continues"):
+        _fit(_args(out, 1, resume=True))
+    assert not os.path.exists(out)
+
+
 class Overflowing(Toy):
     """A weight at -3.3e38 that Adam's first step (about lr) takes beyond float32."""
 

@@ -280,6 +280,10 @@ def test_checkpoint_or_export_of_another_vocabulary_is_refused(pre, m2, tiny_wor
     utils.atomic_json(v, os.path.join(info, "vocab.json"))
     out = str(tmp_path / "ml")
     shutil.copytree(pre, out)
+    last = os.path.join(out, "last.pt")
+    ck = utils.load_checkpoint(last)
+    ck["args"]["info"] = info  # as if preprocess had rewritten the checkpoint's own info/
+    utils.save_checkpoint(ck, last)
     with pytest.raises(DataError, match="another vocab"):
         ml_train.main(_common(tiny_world, out, info=info) + ["--no-eval", "--resume"])
 
