@@ -376,6 +376,17 @@ def encode_products(encode, cset, device, batch_size=256):
     return out
 
 
+def eval_paths(data, split):
+    """-> (candidate TSV, answer JSON) of the split ranked after each epoch; its answers are
+    required: without them best.pt would silently be the last epoch."""
+    tsv, ans = split_paths(data, split)
+    if ans is None:
+        raise utils.DataError("%s: not found; the per-epoch evaluation needs the answers of "
+                              "the %s split (pass --no-eval to train without it)"
+                              % (os.path.join(data, split, split + "_answer.json"), split))
+    return tsv, ans
+
+
 def split_paths(data, split):
     """-> (candidate TSV, answer JSON or None) of a split of a data root."""
     tsv = os.path.join(data, split, split + ".tsv")

@@ -80,9 +80,7 @@ def score_split(model, cset, device, batch_size=4096):
 
 
 def make_evaluator(args, vocab):
-    tsv, ans = engine.split_paths(args.data, args.eval_split)
-    if ans is None:
-        return None
+    tsv, ans = engine.eval_paths(args.data, args.eval_split)
     cset = utils.CandidateSet.from_tsv(tsv, vocab, args.max_boxes, skip_bad=args.skip_bad)
     answers = metric.load_answers(ans, cset.products())
 

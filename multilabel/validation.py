@@ -36,13 +36,13 @@ def rank_split(model, cset, device, batch_size=256):
 
 def make_evaluator(args, vocab):
     """A closure for engine.fit: NDCG@5 of the pretraining ranking on ``args.eval_split``."""
-    tsv, ans = engine.split_paths(args.data, args.eval_split)
+    tsv, ans = engine.eval_paths(args.data, args.eval_split)
     cset = utils.CandidateSet.from_tsv(tsv, vocab, args.max_boxes, skip_bad=args.skip_bad)
-    answers = metric.load_answers(ans, cset.products()) if ans else None
+    answers = metric.load_answers(ans, cset.products())
 
     def evaluate(model):
         preds, _ = rank_split(model, cset, next(model.parameters()).device)
-        return {"valid_ndcg5": metric.ndcg_at_k(preds, answers)} if answers else {}
+        return {"valid_ndcg5": metric.ndcg_at_k(preds, answers)}
     return evaluate
 
 

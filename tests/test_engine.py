@@ -192,3 +192,19 @@ def test_the_loop_reads_the_device_every_progress_window(tmp_path, monkeypatch, 
     # per epoch: the mean, and the finiteness check (which the bar shares) every 5 steps
     # and at the end
     assert len(reads) == 2 * (1 + 12 // 5 + 1), reads
+
+
+def test_evaluation_without_the_answer_file_is_an_error(tmp_path):
+    """Without valid_answer.json, best.pt would silently be the last epoch: every stage's
+    evaluator refuses, naming the file and --no-eval."""
+    import matching
+    from multilabel import validation as ml_validation
+    os.makedirs(tmp_path / "valid")
+    (tmp_path / "valid" / "valid.tsv").write_text("")
+    args = argparse.Namespace(data=str(tmp_path), eval_split="valid", max_boxes=None,
+                              skip_bad=False)
+    for make in (matching.make_evaluator, ml_validation.make_evaluator):
+        with pytest.raises(utils.DataError, match=r"valid/valid_answer\.json: not found; the "
+                                                  r"per-epoch evaluation needs the answers of "
+                                                  r"the valid split \(pass --no-eval"):
+            make(args, vocab=None)
