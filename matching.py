@@ -5,6 +5,7 @@ Each stage's ``model.py`` supplies ``PRESETS`` and ``build_model(encoder, word_e
 its ``train.py`` and ``validation.py`` call the helpers here.
 """
 import argparse
+import functools
 import os
 
 import torch
@@ -122,7 +123,8 @@ def validation_main(build_model, name, argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     data = a.data or ck["args"]["data"]
-    results = {}
+    # every split scored before any file is replaced: the files of one run go together
+    results, writers, lines = {}, {}, []
     for split in a.split or ["valid", "testB"]:
         tsv, ans = engine.split_paths(data, split)
         cset = utils.CandidateSet.from_tsv(tsv, vocab, ck["args"].get("max_boxes"),
@@ -130,12 +132,13 @@ def validation_main(build_model, name, argv=None):
         answers = metric.load_answers(ans, cset.products()) if ans else None  # fail early
         preds = score_split(model, cset, device, a.batch_size)
         fname = "%s_pred_%s.json" % ({"testB": "test"}.get(split, split), name)
-        metric.write_predictions(preds, os.path.join(a.out, fname))
+        writers[fname] = functools.partial(metric.write_predictions, preds)
         line = "%s: wrote %s (%d queries, %d candidates)" % (
             split, os.path.join(a.out, fname), len(cset), len(cset.pids))
         if answers:
             results[split] = metric.ndcg_at_k(preds, answers)
             line += "  NDCG@5 %.4f" % results[split]
-        print(line)
+        lines.append(line)
+    utils.write_together(a.out, writers)
+    print("\n".join(lines))
     return results
-

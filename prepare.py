@@ -387,23 +387,6 @@ def _two_texts(df, where=None):
                      % (path, lj, q, a, li, b, lj))
 
 
-def _write_together(folder, writers):
-    """{name: write(path)} -> every file written under a temporary name, then all renamed:
-    a failure on the way leaves ``folder`` as it was (never a new queries.pkl beside an old
-    vocab.json)."""
-    tmp = {name: os.path.join(folder, name + ".new") for name in writers}
-    try:
-        for name, write in writers.items():
-            write(tmp[name])
-    except BaseException:
-        for p in tmp.values():
-            if os.path.exists(p):
-                os.remove(p)
-        raise
-    for name, p in tmp.items():
-        os.replace(p, os.path.join(folder, name))
-
-
 def build_info(df, info, *, kmeans_k=None, seed=0, min_count=1, where=None):
     """The train rows (a DataFrame of META_COLUMNS) -> ``info/``: every query with its text,
     tokens, last word, K-Means cluster, products and their box counts; the vocabulary.
@@ -446,7 +429,7 @@ def build_info(df, info, *, kmeans_k=None, seed=0, min_count=1, where=None):
                "cluster": clusters}
     meta = {"rows": len(df), "products": int(df.product_id.nunique()), "queries": len(qids),
             "vocab": len(vocab), "kmeans_k": k, "last_word_groups": len(set(last)), "seed": seed}
-    _write_together(info, {
+    utils.write_together(info, {
         "queries.pkl": lambda p: _pickle(queries, p),
         "vocab.json": lambda p: utils.atomic_json(
             {"itos": vocab.itos, "counts": {w: counts[w] for w in vocab.itos[4:]},

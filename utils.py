@@ -54,6 +54,24 @@ def atomic_json(obj, path):
         json.dump(obj, f, ensure_ascii=False, indent=1)
 
 
+def write_together(folder, writers):
+    """{name: write(path)} -> every file written under a temporary name, then all renamed:
+    a failure on the way leaves ``folder`` as it was (never a new queries.pkl beside an old
+    vocab.json, nor a new valid prediction file beside an old test one)."""
+    os.makedirs(folder, exist_ok=True)
+    tmp = {name: os.path.join(folder, name + ".new") for name in writers}
+    try:
+        for name, write in writers.items():
+            write(tmp[name])
+    except BaseException:
+        for p in tmp.values():
+            if os.path.exists(p):
+                os.remove(p)
+        raise
+    for name, p in tmp.items():
+        os.replace(p, os.path.join(folder, name))
+
+
 # --------------------------------------------------------------------------------------
 # Boxes, the product stores and padding
 # --------------------------------------------------------------------------------------

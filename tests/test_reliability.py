@@ -352,6 +352,29 @@ def test_validation_ranks_stopword_queries_and_skips_bad_rows(m2, pre, tiny_worl
 
 
 @pytest.mark.slow
+def test_validation_replaces_the_files_of_one_run_together(m2, tiny_world, tmp_path):
+    """testB fails (a torn last line) after valid was scored: neither file is replaced,
+    so the ensemble never blends a new valid file with an old test one."""
+    data, pred = str(tmp_path / "d"), str(tmp_path / "pred")
+    for split in ("valid", "testB"):
+        shutil.copytree(os.path.join(tiny_world.data, split), os.path.join(data, split))
+    argv = ["--ckpt", os.path.join(m2, "best.pt"), "--data", data, "--split", "valid",
+            "--split", "testB", "--out", pred]
+    m2_validation.main(argv)
+    files = sorted(os.listdir(pred))
+    assert files == ["test_pred_model2.json", "valid_pred_model2.json"]
+    valid = os.path.join(pred, "valid_pred_model2.json")
+    inode = os.stat(valid).st_ino  # a replaced file is a new inode, even with the same bytes
+    os.remove(os.path.join(pred, "test_pred_model2.json"))
+    with open(os.path.join(data, "testB", "testB.tsv"), "rb+") as f:
+        f.truncate(os.path.getsize(f.name) - 7)
+    with pytest.raises(DataError, match=r"testB\.tsv:\d+"):
+        m2_validation.main(argv)
+    assert sorted(os.listdir(pred)) == ["valid_pred_model2.json"]  # no temporaries left
+    assert os.stat(valid).st_ino == inode
+
+
+@pytest.mark.slow
 def test_validation_query_with_answers_but_no_candidates_is_an_error(m2, tiny_world, tmp_path):
     gone = min(tsv.read_candidates(os.path.join(tiny_world.data, "valid", "valid.tsv")))
     data = _edit_valid(tiny_world, str(tmp_path / "d"),
