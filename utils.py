@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import sys
 import zipfile
 import zlib
 from collections import Counter
@@ -598,7 +599,25 @@ def load_checkpoint(path):
     import torch
     if not os.path.exists(path):
         raise DataError("%s: checkpoint not found" % path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError("%s: holds objects other than tensors and plain types, which are "
+                        "refused rather than run; not a checkpoint this project wrote"
+                        % path) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:  # a torn copy, a flipped byte
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError("%s: not a readable checkpoint (%s); truncated or corrupt? copy it "
+                        "again or retrain" % (path, reason)) from None
+
+
+def cli(main):
+    """Run a script's ``main()``: a DataError (bad input, named) ends it with one line
+    ``error: ...`` and exit code 1, without a traceback."""
+    try:
+        main()
+    except DataError as e:
+        sys.exit("error: %s" % e)
 
 
 def add_launcher_args(parser):

@@ -87,4 +87,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.cli(main)

@@ -97,4 +97,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    utils.cli(main)

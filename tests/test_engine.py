@@ -208,3 +208,36 @@ def test_evaluation_without_the_answer_file_is_an_error(tmp_path):
                                                   r"per-epoch evaluation needs the answers of "
                                                   r"the valid split \(pass --no-eval"):
             make(args, vocab=None)
+
+
+def test_a_truncated_or_corrupt_checkpoint_is_named(tmp_path):
+    path = str(tmp_path / "last.pt")
+    utils.save_checkpoint({"model": Toy().state_dict(), "epoch": 0}, path)
+    whole = open(path, "rb").read()
+    for broken in (whole[:len(whole) // 2], whole[:-40] + b"\0" * 40, b""):
+        open(path, "wb").write(broken)
+        with pytest.raises(utils.DataError, match=r"last\.pt: not a readable checkpoint "
+                                                  r"\(.+\); truncated or corrupt\?"):
+            utils.load_checkpoint(path)
+
+
+def test_a_data_error_ends_a_script_with_one_line(capsys):
+    def main():
+        raise utils.DataError("info/queries.pkl: not found")
+    with pytest.raises(SystemExit) as e:
+        utils.cli(main)
+    assert e.value.code == "error: info/queries.pkl: not found"  # printed on stderr, exit 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["multilabel/train.py", "model1/validation.py"])
+def test_stage_scripts_print_a_data_error_as_one_line(tmp_path, script):
+    import subprocess
+    argv = (["--info", str(tmp_path / "none"), "--out", str(tmp_path / "out")]
+            if script.endswith("train.py") else ["--ckpt", str(tmp_path / "none.pt")])
+    r = subprocess.run([sys.executable, os.path.join(utils.ROOT, script)] + argv,
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: %s" % tmp_path)
