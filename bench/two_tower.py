@@ -124,9 +124,9 @@ def main(argv=None):
         print("epoch %d  loss %.4f  %.0f s" % (epoch + 1, total / len(loader), time.time() - t0))
     result = {"train_s": round(time.time() - t0, 1)}
     for split in ("valid", "testB"):
-        tsv, ans = os.path.join(a.data, split, split + ".tsv"), \
+        path, ans = os.path.join(a.data, split, split + ".tsv"), \
             os.path.join(a.data, split, split + "_answer.json")
-        cset = utils.CandidateSet.from_tsv(tsv, vocab)
+        cset = utils.CandidateSet.from_tsv(path, vocab)
         result[split] = round(evaluate(text_tower, image_tower, cset,
                                        metric.load_answers(ans, cset.products())), 4)
     result["wall_s"] = round(time.time() - t0, 1)
