@@ -53,6 +53,9 @@ def core_parser(description, presets):
     g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision on CUDA (auto: bf16 where supported); off on CPU")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--dist-timeout", type=float, default=utils.DIST_TIMEOUT_S,
+                   help="seconds a collective waits for the other ranks before the job "
+                        "stops, naming a rank that does not answer")
     utils.add_launcher_args(p)
     return p
 
@@ -269,15 +272,17 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         t0 = time.time()
-        stats = train_one_epoch(ddp, loader, opt, dist=dist, args=args, amp_dtype=amp_dtype,
-                                scaler=scaler, epoch=epoch)
+        with dist.watch():
+            stats = train_one_epoch(ddp, loader, opt, dist=dist, args=args,
+                                    amp_dtype=amp_dtype, scaler=scaler, epoch=epoch)
         sched.step()
         stats.update(epoch=epoch, time_s=round(time.time() - t0, 2),
                      lr=[g["lr"] for g in opt.param_groups])
         if dist.main and evaluate is not None:
             stats.update(evaluate(model))
         if dist.enabled:
-            stats["rank_param_maxdiff"] = replica_divergence(model, dist)
+            with dist.watch():
+                stats["rank_param_maxdiff"] = replica_divergence(model, dist)
         dist.barrier()
         improved = BEST_METRIC in stats and stats[BEST_METRIC] > best
         if improved:

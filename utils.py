@@ -8,6 +8,7 @@ workers need none): the functions that build tensors import it themselves.
 """
 import argparse
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -620,6 +621,9 @@ def cli(main):
         sys.exit("error: %s" % e)
 
 
+DIST_TIMEOUT_S = 600  # longer than rank 0's evaluation, which the other ranks wait for
+
+
 def add_launcher_args(parser):
     """Accept what every launcher passes: --local-rank=N, --local_rank N, or LOCAL_RANK."""
     parser.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int,
@@ -627,21 +631,54 @@ def add_launcher_args(parser):
 
 
 class Dist:
-    """Process-group state from the environment (torchrun / torch.distributed.launch)."""
+    """Process-group state from the environment (torchrun / torch.distributed.launch).
 
-    def __init__(self, local_rank=0):
+    ``timeout_s`` bounds every collective: a rank that stops answering (stalled, SIGSTOP,
+    a hung node) makes the others' collectives fail after it instead of hanging the job;
+    ``stalled`` then names that rank.
+    """
+
+    def __init__(self, local_rank=0, timeout_s=DIST_TIMEOUT_S):
         import torch
         import torch.distributed as td
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
+        self.timeout_s = timeout_s
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", self.local_rank) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
-        if self.world > 1 and not td.is_initialized():
-            td.init_process_group("nccl" if cuda else "gloo")
         self.enabled = self.world > 1
+        if self.enabled and not td.is_initialized():
+            td.init_process_group("nccl" if cuda else "gloo",
+                                  timeout=datetime.timedelta(seconds=timeout_s))
+        # monitored_barrier, which names the ranks that do not arrive, runs on gloo only
+        self.monitor = td.new_group(backend="gloo") if self.enabled else None
+
+    @contextlib.contextmanager
+    def watch(self):
+        """Collectives in the block: a timeout becomes an error naming the stalled ranks."""
+        try:
+            yield
+        except RuntimeError as e:
+            if not self.enabled or "timed out" not in str(e).lower():
+                raise
+            raise self.stalled(e) from None
+
+    def stalled(self, error):
+        """After a collective failed with ``error``: a RuntimeError naming the ranks that do
+        not answer a monitored barrier within half the timeout, or ``error`` when all do."""
+        import torch.distributed as td
+        try:
+            td.monitored_barrier(group=self.monitor, wait_all_ranks=True,
+                                 timeout=datetime.timedelta(seconds=self.timeout_s / 2))
+        except RuntimeError as e:
+            return RuntimeError("a collective timed out after --dist-timeout %g s (%s); %s: "
+                                "stalled, stopped or its node hung" % (
+                                    self.timeout_s, str(error).splitlines()[0],
+                                    str(e).strip().splitlines()[0]))
+        return error
 
     @property
     def main(self):
@@ -650,7 +687,8 @@ class Dist:
     def barrier(self):
         if self.enabled:
             import torch.distributed as td
-            td.barrier()
+            with self.watch():
+                td.barrier()
 
     def mean(self, values):
         """A dict of scalar tensors (or floats) -> their means over the ranks, as floats.

@@ -37,7 +37,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = engine.apply_preset(parse_args(argv), PRESETS)
-    dist = utils.Dist(args.local_rank)
+    dist = utils.Dist(args.local_rank, timeout_s=args.dist_timeout)
     utils.setup_logging(dist.main)
     utils.seed_everything(args.seed, dist.rank)
     queries, vocab = utils.load_info(args.info)

@@ -1,14 +1,16 @@
 """Fault injection for the reliability tests: one rank vanishes or raises at one step.
 
     faults.inject(monkeypatch.setattr, "RANK:EPOCH:STEP:exit|raise", out)     # in-process
-    python tests/faults.py RANK:EPOCH:STEP:exit|raise multilabel/train.py ARGS  # under torchrun
+    python tests/faults.py RANK:EPOCH:STEP:exit|raise|stop multilabel/train.py ARGS  # torchrun
 
 ``exit`` ends the process at once (``os._exit``, as when a worker is OOM-killed); ``raise``
-raises a RuntimeError. The fault fires once per ``--out`` folder: the marker
+raises a RuntimeError; ``stop`` stops the process (SIGSTOP: alive, never answering, as a
+stalled rank or a hung node). The fault fires once per ``--out`` folder: the marker
 OUT/fault_injected stops it firing again in the job that torchrun restarts.
 """
 import os
 import runpy
+import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +41,8 @@ def inject(patch, spec, out):
             open(marker, "w").close()
             if kind == "exit":
                 os._exit(1)
+            if kind == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
             raise RuntimeError("injected fault on rank %d, epoch %d, step %d" % here)
         return real_to_device(batch, device)
 

@@ -503,6 +503,31 @@ def test_a_raising_rank_stops_the_whole_job_quickly(tiny_world, tmp_path):
     assert seconds < 120
 
 
+@pytest.mark.slow
+def test_a_stalled_rank_is_named_within_twice_the_timeout(tiny_world, tmp_path):
+    """Rank 1 stops (SIGSTOP: alive, never answering) at step 2: rank 0's collective times
+    out after --dist-timeout, a monitored barrier names rank 1, and the job exits non-zero
+    (torchrun waits its fixed 30 s grace before it SIGKILLs the stopped process)."""
+    out, timeout = str(tmp_path / "ml"), 6
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "faults.py"), "1:0:2:stop",
+           os.path.join(ROOT, "multilabel", "train.py")] + _common(tiny_world, out) + [
+               "--no-eval", "--dist-timeout", str(timeout)]
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         text=True, cwd=str(tmp_path))
+    named, lines = None, []
+    for line in p.stderr:  # read as it comes: when the rank was named
+        lines.append(line)
+        if named is None and "timed out after --dist-timeout" in line:
+            named = (time.time(), line)
+    assert p.wait(timeout=120) != 0
+    assert named, "".join(lines)[-3000:]
+    assert "Ranks 1 failed to pass monitoredBarrier" in named[1]
+    stalled = os.path.getmtime(os.path.join(out, "fault_injected"))
+    assert named[0] - stalled < 2 * timeout, named[0] - stalled
+
+
 # --------------------------------------------------------------------------------------
 # Safety
 # --------------------------------------------------------------------------------------
