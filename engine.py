@@ -179,7 +179,8 @@ def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch)
             loss.backward()
             opt.step()
         bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
-        first_bad = torch.where(bad, torch.tensor(step, device=dist.device), first_bad)
+        # new_full fills on the device: torch.tensor(step, device=...) would copy and wait
+        first_bad = torch.where(bad, first_bad.new_full((), step), first_bad)
         for k, v in {"loss": loss, **parts}.items():
             v = v.detach().double()  # float64: the sums a Python float would give
             sums[k] = sums[k] + v if k in sums else v
