@@ -250,6 +250,39 @@ def test_two_process_gloo_keeps_replicas_identical(script, extra, pretrained, ti
     assert os.path.exists(os.path.join(out, "best.pt"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script,extra", [
+    ("multilabel/train.py", []), ("model1/train.py", ["--export"]),
+    ("model2/train.py", ["--export"])])
+def test_two_nodes_train_as_two_processes_on_one(script, extra, pretrained, tiny_world,
+                                                 tmp_path):
+    """Two torchrun agents (--nnodes=2, c10d rendezvous on 127.0.0.1, one process each), as on
+    two machines, end with the parameters of --standalone --nproc_per_node=2."""
+    import socket
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    args = ["--no-eval"] + (["--export", os.path.join(pretrained, "encoder.pt")] if extra
+                            else [])
+    one = str(tmp_path / "one")
+    _torchrun(script, _common(tiny_world, one) + args, tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = str(tmp_path / "two")
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=%d" % i,
+         "--nproc_per_node=1", "--rdzv-backend=c10d", "--rdzv-id=twonodes",
+         "--rdzv-endpoint=127.0.0.1:%d" % port, os.path.join(ROOT, script)]
+        + _common(tiny_world, two) + args, env=env, cwd=str(tmp_path),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [a.communicate(timeout=600)[1] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert all(r["rank_param_maxdiff"] == 0.0 for r in _log(two))
+    a, b = _params(os.path.join(one, "last.pt")), _params(os.path.join(two, "last.pt"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_legacy_launcher_and_inside_folder(pretrained, tiny_world, tmp_path):
     """python -m torch.distributed.launch passes --local-rank=N; scripts also run from their folder."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
