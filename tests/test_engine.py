@@ -145,11 +145,15 @@ def test_non_finite_parameters_stop_training(tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_max_boxes_below_one_is_refused_at_parsing(value, capsys):
+    from multilabel import validation as ml_validation
     p = engine.core_parser("toy", {"tiny": {}})
-    with pytest.raises(SystemExit) as e:
-        p.parse_args(["--out", "x", "--max-boxes", value])
-    assert e.value.code == 2
-    assert "--max-boxes: must be >= 1" in capsys.readouterr().err
+    for parse in (lambda: p.parse_args(["--out", "x", "--max-boxes", value]),
+                  lambda: ml_validation.main(["--ckpt", "x.pt", "--max-boxes", value])):
+        with pytest.raises(SystemExit) as e:
+            parse()
+        assert e.value.code == 2
+        assert "--max-boxes: must be >= 1 (leave it out to keep every box), got %s" % value \
+            in capsys.readouterr().err
 
 
 def test_resume_refuses_a_checkpoint_that_does_not_fit_naming_the_keys(tmp_path):
