@@ -1,6 +1,6 @@
 """The training loop every stage shares: flags, DDP, AMP, checkpoints, resume, logs.
 
-A stage's ``main`` creates the process group (``utils.Dist``) and hands ``fit`` a model
+A stage's ``main`` creates the process group (``runtime.Dist``) and hands ``fit`` a model
 whose ``forward(**batch)`` returns ``(loss, {name: tensor})``, its parameter groups, a
 dataset with ``set_epoch``, a collate, and on rank 0 optionally an
 ``evaluate(model) -> {metric: float}`` run after each epoch.
@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+import runtime
 import utils
 
 log = logging.getLogger("kddmm")
@@ -53,10 +54,10 @@ def core_parser(description, presets):
     g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision on CUDA (auto: bf16 where supported); off on CPU")
     g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--dist-timeout", type=float, default=utils.DIST_TIMEOUT_S,
+    g.add_argument("--dist-timeout", type=float, default=runtime.DIST_TIMEOUT_S,
                    help="seconds a collective waits for the other ranks before the job "
                         "stops, naming a rank that does not answer")
-    utils.add_launcher_args(p)
+    runtime.add_launcher_args(p)
     return p
 
 
@@ -230,7 +231,7 @@ def check_finite(first_bad, mean_loss, recent, *, epoch, model=None):
 def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_state=None):
     """Train ``model`` for ``args.epochs``; checkpoints OUT/last.pt (each epoch) and OUT/best.pt.
 
-    ``dist`` is the process group's ``utils.Dist`` (the stage's main creates and closes it);
+    ``dist`` is the process group's ``runtime.Dist`` (the stage's main creates and closes it);
     ``groups`` the optimizer's parameter groups, decayed by ``args.gamma`` per epoch;
     ``collate`` turns a list of ``dataset`` items into the batch ``model(**batch)`` reads,
     or into a flat batch that ``utils.unflatten`` pads on the training device; ``evaluate``
@@ -249,7 +250,7 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
         raise utils.DataError("%s: not found; --resume continues a run from its last "
                               "checkpoint (leave --resume out to start one)" % last)
     if (args.resume or restarted) and os.path.exists(last):
-        ck = utils.load_checkpoint(last)
+        ck = runtime.load_checkpoint(last)
         check_compatible(ck, args, extra_state, world=dist.world)
         load_trainable(model, ck["model"], last)
         opt.load_state_dict(ck["optimizer"])
@@ -295,9 +296,9 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
                      "history": history, "args": plain_args(args), "rng": rng_state(),
                      "world": dist.world,
                      **(extra_state or {})}
-            utils.save_checkpoint(state, last)
+            runtime.save_checkpoint(state, last)
             if improved or evaluate is None:
-                utils.save_checkpoint(state, os.path.join(args.out, "best.pt"))
+                runtime.save_checkpoint(state, os.path.join(args.out, "best.pt"))
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
                                     for k, v in stats.items()}) + "\n")

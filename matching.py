@@ -12,6 +12,7 @@ import torch
 
 import engine
 import metric
+import runtime
 import utils
 from multilabel.model import load_export
 
@@ -94,7 +95,7 @@ def make_evaluator(args, vocab):
 def load_trained(build_model, ckpt_path, export=None):
     """A trained stage checkpoint (trainable weights only) + its export -> (model, vocab, ck);
     ``build_model`` is the stage's (``model*/model.py``)."""
-    ck = utils.load_checkpoint(ckpt_path)
+    ck = runtime.load_checkpoint(ckpt_path)
     args = argparse.Namespace(**ck["args"])
     if export:
         args.export = export
@@ -118,7 +119,7 @@ def validation_main(build_model, name, argv=None):
     p.add_argument("--batch-size", type=int, default=4096, help="pairs scored at once")
     p.add_argument("--skip-bad", action="store_true", help="skip, count and list bad rows")
     a = p.parse_args(argv)
-    utils.setup_logging()
+    runtime.setup_logging()
     model, vocab, ck = load_trained(build_model, a.ckpt, a.export)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

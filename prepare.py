@@ -24,6 +24,7 @@ import zlib
 
 import numpy as np
 
+import runtime
 import utils
 from tsv import FEAT_DIM, DataError, iter_lines, line_number, line_numbers, parse_row
 
@@ -480,7 +481,7 @@ def _shard(text):
 
 
 def main(argv=None):
-    utils.setup_logging()
+    runtime.setup_logging()
     a = parse_args(argv)
     try:
         if a.cmd == "pack":

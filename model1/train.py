@@ -18,6 +18,7 @@ if ROOT not in sys.path:
 import engine  # noqa: E402
 import matching  # noqa: E402
 import sampler  # noqa: E402
+import runtime  # noqa: E402
 import utils  # noqa: E402
 from model1.model import PRESETS, build_model  # noqa: E402
 
@@ -35,9 +36,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = engine.apply_preset(parse_args(argv), PRESETS)
-    dist = utils.Dist(args.local_rank, timeout_s=args.dist_timeout)
-    utils.setup_logging(dist.main)
-    utils.seed_everything(args.seed, dist.rank)
+    dist = runtime.Dist(args.local_rank, timeout_s=args.dist_timeout)
+    runtime.setup_logging(dist.main)
+    runtime.seed_everything(args.seed, dist.rank)
     queries, vocab = utils.load_info(args.info)
     negatives = sampler.NegativeSampler(queries, p_last=args.p_last, fallback="cluster",
                                         p_near=args.p_near)
@@ -56,4 +57,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    runtime.cli(main)

@@ -15,7 +15,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import matching  # noqa: E402
-import utils  # noqa: E402
+import runtime  # noqa: E402
 from model1.model import build_model  # noqa: E402
 
 
@@ -24,4 +24,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    runtime.cli(main)

@@ -13,12 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import utils  # noqa: E402
+import runtime  # noqa: E402
 from multilabel.model import ImageEncoder, load_export  # noqa: E402
 
 
 def export(ckpt_path, out):
-    ck = utils.load_checkpoint(ckpt_path)
+    ck = runtime.load_checkpoint(ckpt_path)
     state = ck["model"]
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     payload = {"config": ck["encoder_config"], "encoder": enc,
@@ -26,7 +26,7 @@ def export(ckpt_path, out):
                "source": {"checkpoint": os.path.abspath(ckpt_path), "epoch": ck["epoch"],
                           "preset": ck["args"].get("preset")}}
     ImageEncoder(payload["config"]).load_state_dict(enc, strict=True)  # fail here, not later
-    utils.save_checkpoint(payload, out)
+    runtime.save_checkpoint(payload, out)
     return payload
 
 
@@ -43,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    runtime.cli(main)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import runtime
 import utils
 
 PRESETS = {  # paper: the published settings; small: this CPU in minutes; tiny: tests
@@ -233,7 +234,7 @@ def build_model(args, vocab_size):
 
 def load_export(path):
     """-> (ImageEncoder with the pretrained weights, word embeddings (V, E), Vocab, config)."""
-    ex = utils.load_checkpoint(path)
+    ex = runtime.load_checkpoint(path)
     for key in ("config", "encoder", "word_emb", "vocab"):
         if key not in ex:
             raise utils.DataError("%s: not an encoder export (no %r); use multilabel/"

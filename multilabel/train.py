@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import engine  # noqa: E402
+import runtime  # noqa: E402
 import utils  # noqa: E402
 from multilabel.model import PRESETS, build_model  # noqa: E402
 from multilabel.validation import make_evaluator  # noqa: E402
@@ -62,9 +63,9 @@ def load_word_vectors(path, vocab, dim):
 
 def main(argv=None):
     args = engine.apply_preset(parse_args(argv), PRESETS)
-    dist = utils.Dist(args.local_rank, timeout_s=args.dist_timeout)
-    utils.setup_logging(dist.main)
-    utils.seed_everything(args.seed, dist.rank)
+    dist = runtime.Dist(args.local_rank, timeout_s=args.dist_timeout)
+    runtime.setup_logging(dist.main)
+    runtime.seed_everything(args.seed, dist.rank)
     queries, vocab = utils.load_info(args.info)
     dataset = utils.PairDataset(queries, vocab, engine.build_store(args), sampler=None,
                                 seed=args.seed)
@@ -87,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    runtime.cli(main)

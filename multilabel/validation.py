@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 import engine  # noqa: E402
 import metric  # noqa: E402
+import runtime  # noqa: E402
 import utils  # noqa: E402
 from multilabel.model import Pretrainer  # noqa: E402
 
@@ -47,7 +48,7 @@ def make_evaluator(args, vocab):
 
 
 def load_pretrainer(path):
-    ck = utils.load_checkpoint(path)
+    ck = runtime.load_checkpoint(path)
     vocab = utils.Vocab(ck["vocab"])
     model = Pretrainer(ck["encoder_config"], len(vocab), ck["args"]["k_hard"])
     model.load_state_dict(ck["model"], strict=True)
@@ -97,4 +98,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.cli(main)
+    runtime.cli(main)

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import engine
+import runtime
 import utils
 
 
@@ -56,7 +57,7 @@ def _fit(args, model=None, data=None, lr=1e-2):
     torch.manual_seed(0)
     model = model or Toy()
     groups = [dict(params=list(model.parameters()), lr=lr, weight_decay=0.0)]
-    return engine.fit(args, model, data or Pairs(), dist=utils.Dist(), groups=groups,
+    return engine.fit(args, model, data or Pairs(), dist=runtime.Dist(), groups=groups,
                       collate=torch.utils.data.default_collate)
 
 
@@ -107,7 +108,7 @@ def test_resume_of_the_same_settings_continues_and_counts_processes(tmp_path):
     args.data = os.path.relpath(str(tmp_path / "data"))
     args.workers = 1
     assert len(_fit(args)) == 2
-    ck = utils.load_checkpoint(os.path.join(out, "last.pt"))
+    ck = runtime.load_checkpoint(os.path.join(out, "last.pt"))
     with pytest.raises(utils.DataError, match=r"trained with 1 processes \(this run: 2\)"):
         engine.check_compatible(ck, args, world=2)
 
@@ -160,12 +161,12 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_naming_the_keys(tmp_path)
     out = str(tmp_path / "run")
     _fit(_args(out, 1))
     last = os.path.join(out, "last.pt")
-    ck = utils.load_checkpoint(last)
+    ck = runtime.load_checkpoint(last)
     assert not any(k.startswith("frozen.") for k in ck["model"])  # frozen: left out, fine
     _fit(_args(out, 2, resume=True))                              # resumes
-    ck = utils.load_checkpoint(last)
+    ck = runtime.load_checkpoint(last)
     ck["model"]["old_head.weight"] = ck["model"].pop("head.weight")
-    utils.save_checkpoint(ck, last)
+    runtime.save_checkpoint(ck, last)
     with pytest.raises(utils.DataError, match=r"missing \['head\.weight'\].*unexpected "
                                               r"\['old_head\.weight'\]"):
         _fit(_args(out, 3, resume=True))
@@ -174,10 +175,11 @@ def test_resume_refuses_a_checkpoint_that_does_not_fit_naming_the_keys(tmp_path)
 @pytest.mark.parametrize("progress", [False, True])
 def test_the_loop_reads_the_device_every_progress_window(tmp_path, monkeypatch, progress):
     """On a GPU each .item(), float(t), .tolist() waits for every queued kernel: 12 steps,
-    2 epochs, per epoch one read by utils (the mean over the ranks) and one by the loop every
-    PROGRESS_EVERY (here 5) steps and at the end, with the progress bar on or off. (torch's own reads of CPU tensors, the optimizer's step count and
-    the sampler's permutation, are not the loop's.)"""
-    loop = {os.path.abspath(engine.__file__), os.path.abspath(utils.__file__)}
+    2 epochs, per epoch one read by ``Dist.mean`` (the mean over the ranks) and one by the
+    loop every PROGRESS_EVERY (here 5) steps and at the end, with the progress bar on or
+    off. (torch's own reads of CPU tensors, the optimizer's step count and the sampler's
+    permutation, are not the loop's.)"""
+    loop = {os.path.abspath(engine.__file__), os.path.abspath(runtime.__file__)}
     reads = []
     for name in ("item", "tolist", "__float__"):
         real = getattr(torch.Tensor, name)
@@ -216,20 +218,20 @@ def test_evaluation_without_the_answer_file_is_an_error(tmp_path):
 
 def test_a_truncated_or_corrupt_checkpoint_is_named(tmp_path):
     path = str(tmp_path / "last.pt")
-    utils.save_checkpoint({"model": Toy().state_dict(), "epoch": 0}, path)
+    runtime.save_checkpoint({"model": Toy().state_dict(), "epoch": 0}, path)
     whole = open(path, "rb").read()
     for broken in (whole[:len(whole) // 2], whole[:-40] + b"\0" * 40, b""):
         open(path, "wb").write(broken)
         with pytest.raises(utils.DataError, match=r"last\.pt: not a readable checkpoint "
                                                   r"\(.+\); truncated or corrupt\?"):
-            utils.load_checkpoint(path)
+            runtime.load_checkpoint(path)
 
 
 def test_a_data_error_ends_a_script_with_one_line(capsys):
     def main():
         raise utils.DataError("info/queries.pkl: not found")
     with pytest.raises(SystemExit) as e:
-        utils.cli(main)
+        runtime.cli(main)
     assert e.value.code == "error: info/queries.pkl: not found"  # printed on stderr, exit 1
 
 

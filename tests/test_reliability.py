@@ -27,6 +27,7 @@ import metric
 import prepare
 import synthetic
 import tsv
+import runtime
 import utils
 from multilabel import export_model, train as ml_train, validation as ml_validation
 from multilabel.model import load_export
@@ -240,7 +241,7 @@ def _other_vocab_export(pre, path):
     """The export with two words swapped: same size, another vocabulary."""
     ex = torch.load(os.path.join(pre, "encoder.pt"), weights_only=True)
     ex["vocab"][4], ex["vocab"][5] = ex["vocab"][5], ex["vocab"][4]
-    utils.save_checkpoint(ex, path)
+    runtime.save_checkpoint(ex, path)
     return path
 
 
@@ -253,10 +254,10 @@ def test_model2_crash_mid_epoch_then_resume_equals_uninterrupted(m2, pre, tiny_w
     with pytest.raises(RuntimeError, match="injected fault on rank 0, epoch 1, step 2"):
         m2_train.main(argv)
     monkeypatch.undo()
-    assert utils.load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 0
+    assert runtime.load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 0
     m2_train.main(argv + ["--resume"])
-    a = utils.load_checkpoint(os.path.join(m2, "last.pt"))
-    b = utils.load_checkpoint(os.path.join(out, "last.pt"))
+    a = runtime.load_checkpoint(os.path.join(m2, "last.pt"))
+    b = runtime.load_checkpoint(os.path.join(out, "last.pt"))
     assert a["model"].keys() == b["model"].keys() and b["epoch"] == 1
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
@@ -280,9 +281,9 @@ def test_checkpoint_or_export_of_another_vocabulary_is_refused(pre, m2, tiny_wor
     out = str(tmp_path / "ml")
     shutil.copytree(pre, out)
     last = os.path.join(out, "last.pt")
-    ck = utils.load_checkpoint(last)
+    ck = runtime.load_checkpoint(last)
     ck["args"]["info"] = info  # as if preprocess had rewritten the checkpoint's own info/
-    utils.save_checkpoint(ck, last)
+    runtime.save_checkpoint(ck, last)
     with pytest.raises(DataError, match="another vocab"):
         ml_train.main(_common(tiny_world, out, info=info) + ["--no-eval", "--resume"])
 
@@ -489,7 +490,7 @@ def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(tiny_world, tm
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     assert [x["epoch"] for x in log] == [0, 1] and log[1]["rank_param_maxdiff"] == 0.0
-    assert utils.load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 1
+    assert runtime.load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 1
 
 
 @pytest.mark.slow
@@ -548,7 +549,7 @@ def test_checkpoints_and_exports_are_plain_and_objects_are_refused(pre, m2, tmp_
         assert isinstance(torch.load(path, map_location="cpu", weights_only=True), dict)
     hostile, marker = str(tmp_path / "hostile.pt"), str(tmp_path / "pwned")
     torch.save({"model": {}, "x": _Payload(marker)}, hostile)
-    for load in (utils.load_checkpoint, load_export):
+    for load in (runtime.load_checkpoint, load_export):
         with pytest.raises(DataError, match=r"hostile\.pt: holds objects other than tensors "
                                             r"and plain types, which are refused rather than "
                                             r"run"):

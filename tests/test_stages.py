@@ -10,6 +10,7 @@ import torch
 
 import engine
 import tsv
+import runtime
 import utils
 from multilabel import export_model, train as ml_train, validation as ml_validation
 from multilabel.model import load_export
@@ -42,10 +43,10 @@ def test_multilabel_trains_and_logs(pretrained):
     log = _log(pretrained)
     assert [r["epoch"] for r in log] == [0, 1]
     assert log[1]["loss"] < log[0]["loss"]
-    ck = utils.load_checkpoint(os.path.join(pretrained, "last.pt"))
+    ck = runtime.load_checkpoint(os.path.join(pretrained, "last.pt"))
     assert ck["epoch"] == 1 and ck["args"]["preset"] == "tiny"
     best = max(log, key=lambda r: r["valid_ndcg5"])  # the first of equals, as fit keeps it
-    assert utils.load_checkpoint(os.path.join(pretrained, "best.pt"))["epoch"] == best["epoch"]
+    assert runtime.load_checkpoint(os.path.join(pretrained, "best.pt"))["epoch"] == best["epoch"]
 
 
 def test_pretraining_learning_rate_decays_per_epoch(pretrained):
@@ -80,7 +81,7 @@ def test_multilabel_validation_prints_captions(pretrained, tiny_world, capsys):
 
 
 def _params(path):
-    return utils.load_checkpoint(path)["model"]
+    return runtime.load_checkpoint(path)["model"]
 
 
 def test_multilabel_resume_equals_uninterrupted(pretrained, tiny_world, tmp_path):
@@ -101,7 +102,7 @@ def test_matching_stage_trains_and_predicts(stage, val, name, pretrained, tiny_w
     stage.main(_common(tiny_world, out, epochs=2) + ["--export", export])
     log = _log(out)
     assert log[-1]["loss"] < log[0]["loss"] and "valid_ndcg5" in log[0]
-    ck = utils.load_checkpoint(os.path.join(out, "best.pt"))
+    ck = runtime.load_checkpoint(os.path.join(out, "best.pt"))
     assert not any(k.startswith("encoder.trunk.") for k in ck["model"])  # frozen: not stored
     res = val.main(["--ckpt", os.path.join(out, "best.pt"), "--split", "valid", "--split",
                     "testB", "--out", pred])
@@ -139,7 +140,7 @@ def test_group_rates_decay_and_the_frozen_trunk_stays_bit_identical(stage, pretr
     for e, row in enumerate(log):
         assert row["lr"] == pytest.approx([p["lr_image"] * p["gamma"] ** (e + 1),
                                            p["lr_text"] * p["gamma"] ** (e + 1)], rel=1e-12)
-    ck = utils.load_checkpoint(os.path.join(out, "last.pt"))
+    ck = runtime.load_checkpoint(os.path.join(out, "last.pt"))
     assert ck["scheduler"]["base_lrs"] == [p["lr_image"], p["lr_text"]]
     assert [g["weight_decay"] for g in ck["optimizer"]["param_groups"]] == \
         [p["weight_decay"]] * 2
@@ -157,7 +158,7 @@ def test_only_rank_0_reads_the_evaluation_split(pretrained, tiny_world, tmp_path
     def refuse(*a, **k):
         raise AssertionError("a rank other than 0 read the evaluation split")
     monkeypatch.setattr(utils.CandidateSet, "from_tsv", refuse)
-    monkeypatch.setattr(utils.Dist, "main", property(lambda self: False))  # as rank 1 sees it
+    monkeypatch.setattr(runtime.Dist, "main", property(lambda self: False))  # as rank 1 sees it
     export = ["--export", os.path.join(pretrained, "encoder.pt")]
     for stage, extra in ((ml_train, []), (m1_train, export), (m2_train, export)):
         out = str(tmp_path / stage.__name__)
@@ -187,13 +188,13 @@ def test_model2_checkpoint_from_before_input_norm_loads(pretrained, tiny_world, 
     export = os.path.join(pretrained, "encoder.pt")
     m2_train.main(_common(tiny_world, out, epochs=1) + ["--export", export, "--no-eval",
                                                         "--input-norm", "0"])
-    ck = utils.load_checkpoint(os.path.join(out, "last.pt"))
+    ck = runtime.load_checkpoint(os.path.join(out, "last.pt"))
     assert not any(k.startswith("in_norm.") for k in ck["model"])
     new, _, _ = matching.load_trained(m2_model.build_model, os.path.join(out, "last.pt"))
     for k in ("input_norm", "readout"):
         del ck["args"][k]
     old_path = os.path.join(out, "old.pt")
-    utils.save_checkpoint(ck, old_path)
+    runtime.save_checkpoint(ck, old_path)
     old, _, _ = matching.load_trained(m2_model.build_model, old_path)
     assert isinstance(old.in_norm, torch.nn.Identity) and old.readout == "last"
     tokens, image = torch.tensor([[4, 5, 6], [7, 0, 0]]), torch.randn(2, old.out.in_features)
