@@ -507,8 +507,8 @@ def test_a_raising_rank_stops_the_whole_job_quickly(tiny_world, tmp_path):
 @pytest.mark.slow
 def test_a_stalled_rank_is_named_within_twice_the_timeout(tiny_world, tmp_path):
     """Rank 1 stops (SIGSTOP: alive, never answering) at step 2: rank 0's collective times
-    out after --dist-timeout, a monitored barrier names rank 1, and the job exits non-zero
-    (torchrun waits its fixed 30 s grace before it SIGKILLs the stopped process)."""
+    out after --dist-timeout, a monitored barrier names rank 1, rank 0 kills it (same
+    host), and the whole job exits non-zero within twice the timeout of the stall."""
     out, timeout = str(tmp_path / "ml"), 6
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -523,10 +523,11 @@ def test_a_stalled_rank_is_named_within_twice_the_timeout(tiny_world, tmp_path):
         if named is None and "timed out after --dist-timeout" in line:
             named = (time.time(), line)
     assert p.wait(timeout=120) != 0
+    ended = time.time()
     assert named, "".join(lines)[-3000:]
     assert "Ranks 1 failed to pass monitoredBarrier" in named[1]
     stalled = os.path.getmtime(os.path.join(out, "fault_injected"))
-    assert named[0] - stalled < 2 * timeout, named[0] - stalled
+    assert ended - stalled < 2 * timeout, (named[0] - stalled, ended - stalled)
 
 
 # --------------------------------------------------------------------------------------
