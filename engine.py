@@ -299,7 +299,8 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
             runtime.save_checkpoint(state, last)
             if improved or evaluate is None:
                 runtime.save_checkpoint(state, os.path.join(args.out, "best.pt"))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            log_path = os.path.join(args.out, "log.jsonl")
+            with utils.disk_full_named(log_path), open(log_path, "a") as f:
                 f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
                                     for k, v in stats.items()}) + "\n")
             log.info("epoch %d %s", epoch, json.dumps(

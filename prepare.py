@@ -15,6 +15,7 @@ import io
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import pickle
 import re
 import struct
@@ -340,6 +341,11 @@ def pack(features, info, out=None, fp16=False, progress=True):
     R, ftype = int(offsets[-1]), np.float16 if fp16 else np.float32
     specs = dict(zip(utils.PackedStore.FILES, [(ftype, (R, FEAT_DIM)), (np.float32, (R, 5)),
                                                (np.int64, (R,))]))
+    need = sum(np.dtype(dt).itemsize * int(np.prod(shape)) for dt, shape in specs.values())
+    free = shutil.disk_usage(out).free
+    if need > free:  # a memory-mapped write to a full disk is a SIGBUS, not an error
+        raise DataError("%s: the packed store needs %.2f GB, the disk has %.2f GB free; free "
+                        "space or pack to another --out" % (out, need / 1e9, free / 1e9))
     arrays = [np.lib.format.open_memmap(os.path.join(out, name + ".tmp"), "w+", dt, shape)
               for name, (dt, shape) in specs.items()]
     store = utils.ProductStore(features)

@@ -8,11 +8,13 @@ distributed helpers. Importing this module loads no torch (the preprocessing
 workers need none): the functions that build tensors import it themselves.
 """
 import contextlib
+import errno
 import json
 import logging
 import os
 import pickle
 import re
+import shutil
 import zipfile
 import zlib
 from collections import Counter
@@ -34,18 +36,36 @@ log = logging.getLogger("kddmm")
 def atomic_open(path, mode="w", **kwargs):
     """``open(path, mode)`` for writing, through a temporary file that is renamed over
     ``path`` when the block ends: a crash never leaves a torn file, and a failed write
-    leaves the previous one. Text is UTF-8 unless ``encoding`` says otherwise."""
+    leaves the previous one. Text is UTF-8 unless ``encoding`` says otherwise. A full disk
+    is a DataError naming ``path``."""
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
     tmp = "%s.tmp%d" % (path, os.getpid())
-    f = open(tmp, mode, **kwargs)
     try:
-        with f:
+        with disk_full_named(path), open(tmp, mode, **kwargs) as f:
             yield f
     except BaseException:
-        os.remove(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
         raise
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def disk_full_named(path):
+    """A write that fails for want of space (``ENOSPC``, ``EDQUOT``, or torch's writer
+    failing on a disk with no space left) -> a DataError naming ``path``."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        folder = os.path.dirname(os.path.abspath(path))
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
+            isinstance(e, RuntimeError) and "write" in str(e).lower()
+            and shutil.disk_usage(folder).free < 1 << 20)
+        if not full:
+            raise
+        raise DataError("%s: cannot write it: no space left on the disk (%s); the previous "
+                        "file, if any, is kept. Free space or write elsewhere" % (path, e)) from None
 
 
 def atomic_json(obj, path):

@@ -318,3 +318,35 @@ def test_header_in_another_order_says_so(tmp_path):
         prepare.preprocess(data, info=info, progress=False)
     with pytest.raises(DataError, match=r"v\.tsv:1: the columns are in another order"):
         tsv.read_candidates(write_tsv(str(tmp_path / "v.tsv"), _good_rows(), header))
+
+
+def test_a_full_disk_is_named_and_the_previous_file_kept(tmp_path, monkeypatch):
+    """A write that runs out of space (``/dev/full`` stands in for a full disk) names the
+    file and keeps what was there; no temporary is left behind."""
+    import runtime
+    import torch
+    path = str(tmp_path / "last.pt")
+    runtime.save_checkpoint({"w": torch.ones(3)}, path)
+    before = open(path, "rb").read()
+    real = open
+
+    def full(name, mode="r", *a, **k):  # every temporary lands on a full disk
+        return real("/dev/full" if ".tmp" in str(name) else name, mode, *a, **k)
+    monkeypatch.setattr(utils, "open", full, raising=False)
+    for write in (lambda: runtime.save_checkpoint({"w": torch.zeros(10 ** 5)}, path),
+                  lambda: utils.atomic_json({"q": list(range(10 ** 4))}, path)):
+        with pytest.raises(DataError, match=re.escape(path) + ".*no space left on the disk"):
+            write()
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_pack_refuses_a_disk_without_room(tiny_world, tmp_path, monkeypatch):
+    """The packed store is written through a memory map, where a full disk would be a
+    SIGBUS: pack checks the room first and says how much it needs."""
+    monkeypatch.setattr(prepare.shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 1000, 1000))
+    out = str(tmp_path / "packed")
+    with pytest.raises(DataError, match=re.escape(out) + ": the packed store needs .* GB, "
+                                        "the disk has 0.00 GB free"):
+        prepare.pack(tiny_world.features, info=tiny_world.info, out=out, progress=False)
+    assert not any(n.endswith(".tmp") for n in os.listdir(out))
