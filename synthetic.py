@@ -314,6 +314,63 @@ class World:
         return [self.sample_object(rng)]
 
 
+# --- gallery answers ----------------------------------------------------------------------
+SLOTS = list(ATTRIBUTES)
+CATEGORY_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
+VALUE_INDEX = {s: {v: i for i, v in enumerate(vs)} for s, vs in ATTRIBUTES.items()}
+
+
+class Catalogue:
+    """The hidden description of every product written: one row per object (its product,
+    its category, its value of each attribute slot, shown in the picture or not), indexed
+    by category once the products are all in."""
+
+    def __init__(self):
+        self.pids, self.rows, self.start = [], [], None
+
+    def add(self, pid, objects):
+        for obj in objects:
+            self.pids.append(pid)
+            self.rows.append((CATEGORY_INDEX[obj["category"]],)
+                             + tuple(VALUE_INDEX[s][obj[s]] for s in SLOTS))
+        self.start = None
+
+    def _index(self):
+        order = np.argsort(np.asarray([r[0] for r in self.rows], np.int64), kind="stable")
+        self.obj_pids = np.asarray(self.pids, np.int64)[order]
+        self.obj_rows = np.asarray(self.rows, np.int64).reshape(-1, 1 + len(SLOTS))[order]
+        self.start = np.searchsorted(self.obj_rows[:, 0], np.arange(len(CATEGORIES) + 1))
+
+    def satisfying(self, intent):
+        """Product ids (ascending) whose picture satisfies ``intent`` [(category, {slot:
+        value}), ...]: for every part, an object of that category holding every value the
+        part names (docs/worlds.md)."""
+        if self.start is None:
+            self._index()
+        found = None
+        for cat, named in intent:
+            a, b = self.start[CATEGORY_INDEX[cat]:CATEGORY_INDEX[cat] + 2]
+            ok = np.ones(b - a, bool)
+            for slot, value in named.items():
+                ok &= self.obj_rows[a:b, 1 + SLOTS.index(slot)] == VALUE_INDEX[slot][value]
+            pids = np.unique(self.obj_pids[a:b][ok])
+            found = pids if found is None else np.intersect1d(found, pids)
+        return found.tolist()
+
+
+def gallery_answers(catalogue, intents, answers, split):
+    """{qid: every product written, of any split, that satisfies the query}; a candidate
+    answer outside it is a generator bug, raised."""
+    out = {}
+    for qid, intent in intents.items():
+        out[qid] = catalogue.satisfying(intent)
+        missing = set(answers[qid]) - set(out[qid])
+        if missing:
+            raise RuntimeError("%s query %s: candidate answers %s do not satisfy the query "
+                               "%r" % (split, qid, sorted(missing), intent))
+    return out
+
+
 def encode(a):
     return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
 
@@ -324,7 +381,8 @@ def tsv_row(pid, prod, query, qid):
                                encode(labels), query, qid])) + "\n"
 
 
-def write_train(world, rng, path, n_queries, stats):
+def write_train(world, rng, path, n_queries, stats, catalogue):
+    """The train rows; every product's hidden objects go to ``catalogue``."""
     ids = rng.permutation(np.arange(100_000_000, 103_000_000, 7))  # unique, real range
     qids = rng.permutation(np.arange(1, 40 * n_queries))[:n_queries]
     rows = 0
@@ -334,17 +392,21 @@ def write_train(world, rng, path, n_queries, stats):
             intent = world.sample_intent(rng)
             query = world.query_text(rng, intent)
             for _ in range(1 + rng.geometric(1 / 3.5)):
-                prod = world.product(rng, world.matching_objects(rng, intent))
+                objects = world.matching_objects(rng, intent)
+                prod = world.product(rng, objects)
                 f.write(tsv_row(int(ids[rows]), prod, query, int(qids[qi])))
+                catalogue.add(int(ids[rows]), objects)
                 stats.setdefault(intent[-1][0], np.zeros(33))[:] += np.bincount(prod[4], minlength=33)
                 rows += 1
     os.replace(path + ".tmp", path)
     return rows
 
 
-def write_candidates(world, rng, path, n_queries, first_pid, first_qid):
-    """Candidate lists; returns answers and, for the baseline report, per-query records."""
-    answers, records, pid = {}, [], first_pid
+def write_candidates(world, rng, path, n_queries, first_pid, first_qid, catalogue):
+    """Candidate lists; returns answers, per-query records (for the baseline report) and
+    each query's intent (for the gallery answers); the hidden objects of every product go
+    to ``catalogue``."""
+    answers, records, intents, pid = {}, [], {}, first_pid
     with open(path + ".tmp", "w", encoding="utf-8", newline="\n") as f:
         f.write("\t".join(COLUMNS) + "\n")
         for qi in range(n_queries):
@@ -357,19 +419,20 @@ def write_candidates(world, rng, path, n_queries, first_pid, first_qid):
             while len(cands) < n_cand:
                 cands.append((world.negative_objects(rng, intent), False))
             order = rng.permutation(len(cands))
-            answers[str(qid)] = []
+            answers[str(qid)], intents[str(qid)] = [], intent
             rec = {"query": query, "head": intent[-1][0], "cands": []}
             for j in order:
                 objs, positive = cands[j]
                 prod = world.product(rng, objs)
                 f.write(tsv_row(pid, prod, query, qid))
+                catalogue.add(pid, objs)
                 if positive:
                     answers[str(qid)].append(pid)
                 rec["cands"].append((pid, prod[4]))
                 pid += 1
             records.append(rec)
     os.replace(path + ".tmp", path)
-    return answers, records
+    return answers, records, intents
 
 
 def baseline_report(records, answers, head_class_counts, seed):
@@ -403,22 +466,31 @@ def generate(out, preset="small", *, seed=0, lang="en", difficulty=1.0, train_qu
         os.makedirs(os.path.join(out, split), exist_ok=True)
     atomic_write_text(os.path.join(out, "multimodal_labels.txt"), "category_id\tcategory_name\n"
                       + "".join("%d\t%s\n" % (i, n) for i, n in enumerate(LABELS)))
-    stats = {}
+    stats, catalogue, evals = {}, Catalogue(), {}
     n_rows = write_train(world, np.random.default_rng([seed, 1]),
-                         os.path.join(out, "train", "train.tsv"), cfg["train_queries"], stats)
+                         os.path.join(out, "train", "train.tsv"), cfg["train_queries"], stats,
+                         catalogue)
     report = {"preset": preset, "seed": seed, "lang": lang, "difficulty": difficulty,
               "world": world.k, "train_rows": n_rows, "train_queries": cfg["train_queries"]}
     for i, split in enumerate(("valid", "testA", "testB")):
-        answers, records = write_candidates(
+        answers, records, intents = write_candidates(
             world, np.random.default_rng([seed, 2 + i]),
             os.path.join(out, split, split + ".tsv"), cfg["eval_queries"],
-            103_000_000 + i * 300_000, 1 + i * 100_000)
+            103_000_000 + i * 300_000, 1 + i * 100_000, catalogue)
         atomic_write_text(os.path.join(out, split, split + "_answer.json"), json.dumps(answers))
+        evals[split] = answers, intents
         base = baseline_report(records, answers, stats, seed)
         report[split] = {"queries": len(answers),
                          "candidates": sum(len(r["cands"]) for r in records), **base}
         log("%-5s %4d queries  NDCG@5 random %.4f  class-match %.4f" % (
             split, len(answers), base["random"], base["class_match"]))
+    for split, (answers, intents) in evals.items():  # every product is catalogued by now
+        gallery = gallery_answers(catalogue, intents, answers, split)
+        atomic_write_text(os.path.join(out, split, split + "_gallery_answer.json"),
+                          json.dumps(gallery))
+        sizes = [len(v) for v in gallery.values()]
+        log("%-5s gallery answers per query: median %d, max %d" % (
+            split, np.median(sizes), max(sizes)))
     atomic_write_text(os.path.join(out, "synthetic_report.json"), json.dumps(report, indent=1))
     return report
 

@@ -61,12 +61,58 @@ def test_candidates_and_answers(tiny_world):
     assert np.mean([len(a) for a in answers.values()]) > 4.5
 
 
+
+def test_gallery_answers_hold_the_candidate_answers(tiny_world):
+    d = tiny_world.data
+    train = pd.read_csv(os.path.join(d, "train/train.tsv"), sep="\t", quoting=csv.QUOTE_NONE,
+                        usecols=["product_id"])
+    written = set(train.product_id)
+    cands = {}
+    for split in ("valid", "testA", "testB"):
+        cands[split] = tsv.read_candidates(os.path.join(d, split, split + ".tsv"),
+                                           with_arrays=False)
+        written |= {r["product_id"] for c in cands[split].values() for r in c["products"]}
+    beyond = 0
+    for split in ("valid", "testA", "testB"):
+        answers = metric.load_answers(os.path.join(d, split, split + "_answer.json"))
+        gallery = metric.load_answers(os.path.join(d, split, split + "_gallery_answer.json"))
+        assert set(gallery) == set(answers)
+        for q, ans in answers.items():
+            assert ans <= gallery[q] <= written
+            beyond += len(gallery[q] - {r["product_id"] for r in cands[split][q]["products"]})
+    assert beyond > 0  # products of train and of other lists satisfy queries too
+
+
+def test_catalogue_satisfying_by_hand():
+    def obj(category, hidden=(), **values):
+        return {"category": category, "colour": "red", "material": "cotton",
+                "pattern": "solid", "style": "casual", "audience": "kids",
+                **values, "hidden": set(hidden)}
+    cat = synthetic.Catalogue()
+    cat.add(1, [obj("dress")])
+    cat.add(2, [obj("dress", colour="blue")])
+    cat.add(3, [obj("dress", hidden={"colour"})])          # not shown: still a red dress
+    cat.add(4, [obj("shirt", colour="white"), obj("skirt", colour="black")])
+    cat.add(5, [obj("shirt", colour="black"), obj("skirt", colour="white")])   # swapped
+    cat.add(6, [obj("skirt", colour="black")])
+    assert cat.satisfying([("dress", {"colour": "red"})]) == [1, 3]
+    assert cat.satisfying([("dress", {"colour": "red", "pattern": "plaid"})]) == []
+    assert cat.satisfying([("dress", {})]) == [1, 2, 3]
+    assert cat.satisfying([("skirt", {"colour": "black"})]) == [4, 6]   # either object
+    two = [("shirt", {"colour": "white"}), ("skirt", {"colour": "black"})]
+    assert cat.satisfying(two) == [4]
+    assert synthetic.gallery_answers(cat, {"7": two}, {"7": [4]}, "valid") == {"7": [4]}
+    with pytest.raises(RuntimeError, match=r"valid query 7: candidate answers \[5\]"):
+        synthetic.gallery_answers(cat, {"7": two}, {"7": [4, 5]}, "valid")
+
+
 def test_generator_is_deterministic(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     for out in (a, b):
         synthetic.generate(out, "tiny", seed=3, train_queries=10, eval_queries=2,
                            log=lambda *x: None)
-    for rel in ["train/train.tsv", "valid/valid.tsv", "testB/testB_answer.json"]:
+    for rel in ["train/train.tsv", "valid/valid.tsv", "testB/testB_answer.json",
+                "valid/valid_gallery_answer.json"]:
         with open(os.path.join(a, rel), "rb") as fa, open(os.path.join(b, rel), "rb") as fb:
             assert fa.read() == fb.read(), rel
 
