@@ -2,7 +2,8 @@
 
 NDCG@5 as the competition scores it: the ideal DCG puts ``min(|answers|, 5)`` ones at the
 top, a query without answers scores 0, the mean runs over every query of the answer file,
-and ties rank by product id (docs/method.md).
+and ties rank by product id (docs/method.md). Recall@k, for rankings of the full gallery,
+divides the answers in the first k by ``min(k, |answers|)`` (docs/retrieval.md).
 """
 import json
 import logging
@@ -38,8 +39,19 @@ def ndcg_one(ranked, answers, k=5):
     return dcg / idcg
 
 
-def ndcg_at_k(predictions, answers, k=5):
-    """Mean official NDCG@k over every query of ``answers``.
+def recall_one(ranked, answers, k):
+    """Recall@k of one ranked list: answers among the first k, over ``min(k, |answers|)``,
+    so a list that fills its k places with answers scores 1 however many more there are;
+    a product listed again is dropped, as in ``ndcg_one``; no answers scores 0."""
+    answers = {int(a) for a in answers}
+    if not answers:
+        return 0.0
+    ranked = list(dict.fromkeys(int(p) for p in ranked))[:k]
+    return sum(p in answers for p in ranked) / min(k, len(answers))
+
+
+def _mean_over_answers(one, predictions, answers, k):
+    """Mean of ``one(ranked, answers, k)`` over every query of ``answers``.
 
     predictions: {query_id: [(pid, score), ...]} (ranked here, ties by product id) or
     {query_id: [pid, ...]} already ranked. Keys may be str or int. A query of the answer
@@ -52,8 +64,20 @@ def ndcg_at_k(predictions, answers, k=5):
             raise DataError("predictions have no entry for query %s" % q)
         v = preds[int(q)]
         ranked = rank(v) if v and isinstance(v[0], (list, tuple)) else [int(p) for p in v]
-        total += ndcg_one(ranked, ans, k)
+        total += one(ranked, ans, k)
     return total / max(1, len(answers))
+
+
+def ndcg_at_k(predictions, answers, k=5):
+    """Mean official NDCG@k over every query of ``answers`` (predictions as
+    ``_mean_over_answers`` takes them): candidate lists or full-gallery rankings alike."""
+    return _mean_over_answers(ndcg_one, predictions, answers, k)
+
+
+def recall_at_k(predictions, answers, k):
+    """Mean Recall@k (``recall_one``) over every query of ``answers``, for full-gallery
+    rankings against ``<split>_gallery_answer.json``."""
+    return _mean_over_answers(recall_one, predictions, answers, k)
 
 
 def check_submission(rows, candidates=None, answers=None):

@@ -61,7 +61,6 @@ def test_candidates_and_answers(tiny_world):
     assert np.mean([len(a) for a in answers.values()]) > 4.5
 
 
-
 def test_gallery_answers_hold_the_candidate_answers(tiny_world):
     d = tiny_world.data
     train = pd.read_csv(os.path.join(d, "train/train.tsv"), sep="\t", quoting=csv.QUOTE_NONE,
@@ -213,6 +212,23 @@ def test_ndcg_ties_and_missing_query():
     assert ndcg_at_k({7: [1, 2]}, {7: {1}}) == 1.0
     with pytest.raises(DataError, match="query 8"):
         ndcg_at_k(preds, {7: {1}, 8: {2}})
+
+
+def test_recall_hand_computed():
+    assert metric.recall_one([1, 9, 2, 8], {1, 2, 3}, k=2) == pytest.approx(1 / 2)
+    assert metric.recall_one([1, 9, 2, 8], {1, 2, 3}, k=4) == pytest.approx(2 / 3)
+    # more answers than places: k answers in the first k is a full score
+    assert metric.recall_one([1, 2], set(range(1, 50)), k=2) == 1.0
+    assert metric.recall_one([50, 1, 2], set(range(1, 50)), k=2) == pytest.approx(1 / 2)
+    # a repeat is dropped, as in ndcg_one: it neither counts twice nor takes a place
+    assert metric.recall_one([1, 1, 1], {1, 2}, k=2) == pytest.approx(1 / 2)
+    assert metric.recall_one([1, 1, 2], {1, 2}, k=2) == 1.0
+    assert metric.recall_one([1], set(), k=10) == 0.0
+    preds = {"7": [(3, 0.5), (1, 0.5), (2, 0.9)], 8: [4, 5]}   # tie -> lower product id first
+    assert metric.recall_at_k(preds, {7: {1, 3}, 8: {6}}, k=2) == pytest.approx((1 / 2 + 0) / 2)
+    assert metric.recall_at_k(preds, {7: {1, 3}, 8: {5}}, k=3) == pytest.approx((1 + 1) / 2)
+    with pytest.raises(DataError, match="query 9"):
+        metric.recall_at_k(preds, {9: {1}}, k=2)
 
 
 def test_check_submission_rules():
