@@ -1,11 +1,15 @@
-"""Rank valid candidates by the pretraining score and show what the encoder learned.
+"""Rank candidates by the pretraining score and show what the encoder learned.
 
-    python multilabel/validation.py --ckpt runs/multilabel/best.pt --data DATA [--captions 8]
+    python multilabel/validation.py --ckpt runs/multilabel/best.pt --data DATA [--captions 8] \
+        [--split valid --split testB --out prediction_result]
 
 Score of a product for a query: the sum over the query's words of log sigmoid(word logit).
-Prints NDCG@5, then beam-search captions of a few products beside their true query.
+Prints NDCG@5 of each split, then beam-search captions of a few products of the first split
+beside their true query. With ``--out`` it also writes ``{valid,test}_pred_multilabel.json``
+(testB -> test), so the pretraining score can join the blend (``ensemble.py --models``).
 """
 import argparse
+import functools
 import os
 import sys
 
@@ -55,11 +59,37 @@ def load_pretrainer(path):
     return model, vocab, ck
 
 
+def show_captions(model, vocab, cset, heads, answers, n, beam):
+    """Beam-search captions of n products, printed beside their query -> [(pid, query, caption)].
+
+    With answers: one correct product of each of the first queries, so query and caption agree.
+    """
+    if answers:
+        first = {}
+        for i, pid in enumerate(cset.pids):
+            q = int(cset.qids[cset.pos[i]])
+            if int(pid) in answers.get(q, ()):
+                first.setdefault(q, i)
+        shown = list(first.values())[:n]
+    else:
+        shown = list(range(min(n, len(cset.pids))))
+    caps = model.decoder.beam_search(heads[shown, 0], model.word_emb.weight, utils.BOS,
+                                     utils.EOS, beam=beam)
+    out = []
+    for i, c in zip(shown, caps):
+        true, gen = cset.texts[cset.pos[i]], " ".join(vocab.decode(c))
+        out.append((int(cset.pids[i]), true, gen))
+        print("product %d\n  query:   %s\n  caption: %s" % (cset.pids[i], true, gen))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True)
     p.add_argument("--data", default=os.path.join(ROOT, "data", "small"))
-    p.add_argument("--split", default="valid")
+    p.add_argument("--split", action="append", help="valid, testA, testB (repeatable; default "
+                                                    "valid); captions are of the first")
+    p.add_argument("--out", help="prediction folder: write {valid,test}_pred_multilabel.json")
     p.add_argument("--captions", type=int, default=8, help="products to caption")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--max-boxes", type=engine.positive_int,
@@ -69,33 +99,28 @@ def main(argv=None):
     model, vocab, ck = load_pretrainer(a.ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    tsv, ans = engine.split_paths(a.data, a.split)
-    cset = utils.CandidateSet.from_tsv(tsv, vocab, a.max_boxes, skip_bad=a.skip_bad)
-    preds, heads = rank_split(model, cset, device)
-    result = {}
-    if ans:
-        answers = metric.load_answers(ans, cset.products())
-        result["ndcg5"] = metric.ndcg_at_k(preds, answers)
-        print("%s NDCG@5 (pretraining score): %.4f  (%d queries, checkpoint epoch %d)"
-              % (a.split, result["ndcg5"], len(answers), ck["epoch"]))
-        # one correct product of each of the first queries, so true query and caption agree
-        first = {}
-        for i, pid in enumerate(cset.pids):
-            q = int(cset.qids[cset.pos[i]])
-            if int(pid) in answers.get(q, ()):
-                first.setdefault(q, i)
-        shown = list(first.values())[:a.captions]
-    else:
-        shown = list(range(min(a.captions, len(cset.pids))))
-    caps = model.decoder.beam_search(heads[shown, 0], model.word_emb.weight, utils.BOS,
-                                     utils.EOS, beam=a.beam)
-    result["captions"] = []
-    for i, c in zip(shown, caps):
-        true, gen = cset.texts[cset.pos[i]], " ".join(vocab.decode(c))
-        result["captions"].append((int(cset.pids[i]), true, gen))
-        print("product %d\n  query:   %s\n  caption: %s" % (cset.pids[i], true, gen))
+    # result: "ndcg5" and "captions" of the first split, {split: NDCG@5} under "splits"
+    result, writers = {"splits": {}}, {}
+    for split in a.split or ["valid"]:
+        tsv, ans = engine.split_paths(a.data, split)
+        cset = utils.CandidateSet.from_tsv(tsv, vocab, a.max_boxes, skip_bad=a.skip_bad)
+        answers = metric.load_answers(ans, cset.products()) if ans else None
+        preds, heads = rank_split(model, cset, device)
+        if answers:
+            result["splits"][split] = metric.ndcg_at_k(preds, answers)
+            print("%s NDCG@5 (pretraining score): %.4f  (%d queries, checkpoint epoch %d)"
+                  % (split, result["splits"][split], len(answers), ck["epoch"]))
+        if "captions" not in result:
+            if answers:
+                result["ndcg5"] = result["splits"][split]
+            result["captions"] = show_captions(model, vocab, cset, heads, answers, a.captions,
+                                               a.beam)
+        fname = "%s_pred_multilabel.json" % {"testB": "test"}.get(split, split)
+        writers[fname] = functools.partial(metric.write_predictions, preds)
+    if a.out:  # every split scored before any file is replaced
+        utils.write_together(a.out, writers)
+        print("wrote %s in %s" % (", ".join(writers), a.out))
     return result
-
 
 if __name__ == "__main__":
     runtime.cli(main)

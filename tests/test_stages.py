@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import engine
+import metric
 import tsv
 import runtime
 import utils
@@ -78,6 +79,27 @@ def test_multilabel_validation_prints_captions(pretrained, tiny_world, capsys):
                                        abs=1e-6)
     assert len(r["captions"]) == 3
     assert "caption:" in capsys.readouterr().out
+
+
+def test_multilabel_validation_writes_prediction_files(pretrained, tiny_world, tmp_path, capsys):
+    """--out with --split repeated: the pretraining score as a blend member's files."""
+    pred = str(tmp_path / "pred")
+    r = ml_validation.main(["--ckpt", os.path.join(pretrained, "best.pt"), "--data",
+                            tiny_world.data, "--captions", "2", "--split", "valid",
+                            "--split", "testB", "--out", pred])
+    assert sorted(os.listdir(pred)) == ["test_pred_multilabel.json", "valid_pred_multilabel.json"]
+    assert set(r["splits"]) == {"valid", "testB"} and r["ndcg5"] == r["splits"]["valid"]
+    assert len(r["captions"]) == 2
+    for split, name in (("valid", "valid"), ("testB", "test")):
+        preds = metric.load_predictions(os.path.join(pred, "%s_pred_multilabel.json" % name))
+        cands = tsv.read_candidates(os.path.join(tiny_world.data, split, split + ".tsv"))
+        assert {q: set(s) for q, s in preds.items()} == \
+            {q: {p["product_id"] for p in c["products"]} for q, c in cands.items()}
+        answers = metric.load_answers(os.path.join(tiny_world.data, split, split + "_answer.json"))
+        assert metric.ndcg_at_k({q: list(s.items()) for q, s in preds.items()}, answers) == \
+            pytest.approx(r["splits"][split])
+    out = capsys.readouterr().out
+    assert "testB NDCG@5" in out and "caption:" in out and "valid_pred_multilabel.json" in out
 
 
 def _params(path):
