@@ -1,23 +1,31 @@
-"""The blend of model1 and model2: score = t * model1 + (1 - t) * model2 per candidate.
+"""The blend of N >= 2 members: score = sum_i w_i * member_i per candidate, weights summing to 1.
 
-t is searched on ``np.linspace(0, 1, grid)`` by the official NDCG@5 on the validation
-answers (ranking ties broken by product id, as ``metric.rank`` does). Among grid points whose
-score equals the best (within 1e-12), the one closest to 0.5 wins, then the smaller one.
-Tuning t on the same queries it is scored on is optimistic (the published 0.7417 was
-measured that way), so the k-fold estimate -- t chosen on k-1 folds, scored on the held-out
-fold -- is reported beside it, and ``how="best"`` picks the normalisation by that estimate.
+The members are prediction files ``{split}_pred_<member>.json``; by default model1 and model2,
+where the blend is t * model1 + (1 - t) * model2 as published. Two members: t is searched on
+``np.linspace(0, 1, grid)``. Three or more: every point of the simplex whose coordinates are
+multiples of ``simplex_step`` (0.05: 231 points for three members, 1771 for four). The score
+is the official NDCG@5 on the validation answers (ranking ties broken by product id, as
+``metric.rank`` does). Among points whose score equals the best (within 1e-12), the one
+closest to equal weights wins, then the lexicographically smaller weights (two members: the
+t closest to 0.5, then the smaller t). Tuning weights on the same queries they are scored on
+is optimistic (the published 0.7417 was measured that way), so the k-fold estimate --
+weights chosen on k-1 folds, scored on the held-out fold -- is reported beside it, and
+``how="best"`` picks the normalisation by that estimate.
 
     python ensemble.py --pred-dir prediction_result --valid-answers DATA/valid/valid_answer.json \
-        [--test-tsv DATA/testB/testB.tsv] [--test-answers DATA/testB/testB_answer.json] \
-        --out prediction_result/submission.csv
+        [--models model1,model2] [--test-tsv DATA/testB/testB.tsv] \
+        [--test-answers DATA/testB/testB_answer.json] --out prediction_result/submission.csv
 
-writes ``submission.csv``, ``ensemble.json`` (chosen normalisation and t, every score) and
-``ensemble_t.png`` (valid NDCG@5 against t) in the folder of ``--out``. The submission is
-written only when the test predictions cover every query of the test split (``--test-tsv``,
-by default testB/testB.tsv of the data root that holds ``--valid-answers``), each with 5
-of its candidates.
+writes ``submission.csv``, ``ensemble.json`` (members, chosen normalisation and weights, every
+score) and a plot in the folder of ``--out``: ``ensemble_t.png`` (valid NDCG@5 against t) for
+two members, ``ensemble_simplex.png`` (valid NDCG@5 over the weight triangle) for three, none
+for more. The submission is written only when the test predictions cover every query of the
+test split (``--test-tsv``, by default testB/testB.tsv of the data root that holds
+``--valid-answers``), each with 5 of its candidates.
 """
 import argparse
+import itertools
+import math
 import os
 import sys
 
@@ -30,13 +38,13 @@ from utils import atomic_json, atomic_open
 HOWS = ("raw", "zscore", "rank")
 MODELS = ("model1", "model2")
 HEADER = ["query-id", "product1", "product2", "product3", "product4", "product5"]
-TIE = 1e-12  # curve values closer than this count as equal when picking t
+TIE = 1e-12  # curve values closer than this count as equal when picking weights
 
 
 # --------------------------------------------------------------------------------------
-# The two models' prediction files
+# The members' prediction files
 # --------------------------------------------------------------------------------------
-def check_aligned(p1, p2, names=MODELS):
+def check_aligned(p1, p2, names):
     """Both models must score the same candidates of the same queries."""
     for a, b, na, nb in ((p1, p2, *names), (p2, p1, *names[::-1])):
         missing = sorted(set(a) - set(b))
@@ -50,12 +58,26 @@ def check_aligned(p1, p2, names=MODELS):
                             % (q, names[0], names[1], odd[0]))
 
 
-def load_pair(pred_dir, split):
-    """``{split}_pred_model1.json`` and ``..._model2.json`` from ``pred_dir``, checked."""
-    p1, p2 = (load_predictions(os.path.join(pred_dir, "%s_pred_%s.json" % (split, m)))
-              for m in MODELS)
-    check_aligned(p1, p2, ("%s_pred_model1" % split, "%s_pred_model2" % split))
-    return p1, p2
+def check_members(preds, names=None):
+    """Every member must score the same candidates of the same queries as the first.
+
+    names: one per member, for the messages (default model1, model2, ...).
+    """
+    if len(preds) < 2:
+        raise ValueError("a blend needs two or more members, got %d" % len(preds))
+    names = names or ["model%d" % (i + 1) for i in range(len(preds))]
+    for p, name in zip(preds[1:], names[1:]):
+        check_aligned(preds[0], p, (names[0], name))
+
+
+def load_members(pred_dir, split, models=MODELS):
+    """``{split}_pred_<model>.json`` of every member from ``pred_dir``, checked aligned."""
+    if len(models) < 2 or len(set(models)) != len(models):
+        raise ValueError("a blend needs two or more distinct members, got %s" % list(models))
+    paths = [os.path.join(pred_dir, "%s_pred_%s.json" % (split, m)) for m in models]
+    preds = [load_predictions(p) for p in paths]
+    check_members(preds, paths)
+    return preds
 
 
 # --------------------------------------------------------------------------------------
@@ -88,17 +110,47 @@ def normalise(preds, how):
     return out
 
 
-def _mix(n1, n2, t):
-    t = float(t)
-    return {q: {p: t * s + (1.0 - t) * n2[q][p] for p, s in sc.items()} for q, sc in n1.items()}
+def _stack(preds, qids, how):
+    """{qid: (pids (C,) ascending, (N, C) normalised scores of the N members)} of ``qids``."""
+    norm = [normalise({q: p[q] for q in qids}, how) for p in preds]
+    out = {}
+    for q in qids:
+        pids = sorted(norm[0][q])
+        out[q] = (np.array(pids, np.int64), np.array([[n[q][p] for p in pids] for n in norm]))
+    return out
+
+
+def _mix_scores(weights, s):
+    """(W, N) weights, (N, C) scores -> (W, C) blends, members added in order (so two members
+    give t * s1 + (1 - t) * s2 bit for bit, whether one blend is built or a whole grid)."""
+    out = weights[:, :1] * s[0]
+    for i in range(1, len(s)):
+        out = out + weights[:, i:i + 1] * s[i]
+    return out
+
+
+def check_weights(weights, n):
+    """-> (n,) float array: n weights in [0, 1] summing to 1, else ValueError."""
+    w = np.asarray(weights, np.float64)
+    if w.shape != (n,) or (w < 0).any() or (w > 1).any() or abs(w.sum() - 1.0) > 1e-9:
+        raise ValueError("weights must be %d numbers in [0, 1] summing to 1, got %r"
+                         % (n, list(weights)))
+    return w
+
+
+def blend_members(preds, weights, how="raw", names=None):
+    """sum_i w_i * member_i per candidate, after normalising each member per query."""
+    w = check_weights(weights, len(preds))
+    check_members(preds, names)
+    return {q: dict(zip(pids.tolist(), _mix_scores(w[None], s)[0].tolist()))
+            for q, (pids, s) in _stack(preds, sorted(preds[0]), how).items()}
 
 
 def blend(p1, p2, t, how="raw"):
-    """t * model1 + (1 - t) * model2 per candidate, after normalising each model per query."""
+    """t * model1 + (1 - t) * model2 per candidate: ``blend_members`` of two models."""
     if not 0.0 <= t <= 1.0:
         raise ValueError("t must lie in [0, 1], got %r" % t)
-    check_aligned(p1, p2)
-    return _mix(normalise(p1, how), normalise(p2, how), t)
+    return blend_members([p1, p2], [t, 1.0 - t], how)
 
 
 def score(preds, answers):
@@ -107,7 +159,7 @@ def score(preds, answers):
 
 
 # --------------------------------------------------------------------------------------
-# Choosing t
+# Choosing the weights
 # --------------------------------------------------------------------------------------
 def grid_points(grid):
     if grid < 2:
@@ -115,34 +167,74 @@ def grid_points(grid):
     return np.linspace(0.0, 1.0, grid)
 
 
-def ndcg_matrix(p1, p2, answers, how, grid=100):
-    """Per-query NDCG@5 of the blend at every grid t -> (qids (Q,), ts (T,), matrix (Q, T))."""
-    check_aligned(p1, p2)
+def simplex_points(n, step=0.05):
+    """(W, n) points of the simplex whose coordinates are multiples of ``step``, in
+    lexicographic order of their integer coordinates: C(1/step + n - 1, n - 1) of them."""
+    m = round(1.0 / step)
+    if m < 1 or abs(m * step - 1.0) > 1e-9:
+        raise ValueError("simplex_step must be 1/m for a whole m, got %r" % step)
+    heads = [c for c in itertools.product(range(m + 1), repeat=n - 1) if sum(c) <= m]
+    return np.array([[*c, m - sum(c)] for c in heads], np.float64) / m
+
+
+def weight_grid(n, *, grid=100, simplex_step=0.05):
+    """(W, n) candidate weights: two members -> (t, 1 - t) for t on ``grid_points(grid)``;
+    three or more -> ``simplex_points(n, simplex_step)``."""
+    if n < 2:
+        raise ValueError("a blend needs two or more members, got %d" % n)
+    if n == 2:
+        ts = grid_points(grid)
+        return np.stack([ts, 1.0 - ts], 1)
+    return simplex_points(n, simplex_step)
+
+
+def _ndcg_rows(pids, mixed, answers, k=5):
+    """(C,) pids, (W, C) blends of one query -> (W,) official NDCG@k, ties by product id."""
+    if not answers:
+        return np.zeros(len(mixed))
+    order = np.lexsort((np.broadcast_to(pids, mixed.shape), -mixed))[:, :k]
+    disc = np.array([1.0 / math.log2(i + 2) for i in range(k)])
+    hit = np.isin(pids[order], list(answers))
+    return (hit * disc[:order.shape[1]]).sum(1) / disc[:min(len(answers), k)].sum()
+
+
+def ndcg_table(preds, answers, how, points, names=None):
+    """Per-query NDCG@5 of the blend at every weight point -> (qids (Q,), matrix (Q, W))."""
+    check_members(preds, names)
     qids = sorted(int(q) for q in answers)
-    missing = [q for q in qids if q not in p1]
+    missing = [q for q in qids if q not in preds[0]]
     if missing:
         raise DataError("predictions have no entry for query %d of the answer file "
                         "(%d such queries)" % (missing[0], len(missing)))
-    n1, n2 = normalise(p1, how), normalise(p2, how)
-    n1 = {q: n1[q] for q in qids}
-    ts = grid_points(grid)
-    m = np.zeros((len(qids), len(ts)))
-    for j, t in enumerate(ts):
-        mixed = _mix(n1, n2, t)
-        for i, q in enumerate(qids):
-            m[i, j] = ndcg_one(rank(mixed[q].items()), answers[q])
-    return np.array(qids, np.int64), ts, m
+    m = np.zeros((len(qids), len(points)))
+    for i, (q, (pids, s)) in enumerate(_stack(preds, qids, how).items()):
+        m[i] = _ndcg_rows(pids, _mix_scores(points, s), answers[q])
+    return np.array(qids, np.int64), m
+
+
+def ndcg_matrix(p1, p2, answers, how, grid=100):
+    """Two models: per-query NDCG@5 at every grid t -> (qids (Q,), ts (T,), matrix (Q, T))."""
+    points = weight_grid(2, grid=grid)
+    qids, m = ndcg_table([p1, p2], answers, how, points)
+    return qids, points[:, 0], m
+
+
+def pick_weights(points, curve):
+    """Index of the best curve value; ties -> the point closest to equal weights, then the
+    lexicographically smaller weights."""
+    best = np.flatnonzero(curve >= curve.max() - TIE)
+    # rounded: 1/3 and 2/3 must count as equally far from 0.5 despite float error
+    dist = np.round(np.linalg.norm(points - 1.0 / points.shape[1], axis=1), 9)
+    return int(min(best, key=lambda j: (dist[j], tuple(points[j]))))
 
 
 def pick_t(ts, curve):
-    """Index of the best curve value; ties -> t closest to 0.5, then the smaller t."""
-    best = np.flatnonzero(curve >= curve.max() - TIE)
-    # rounded: 1/3 and 2/3 must count as equally far from 0.5 despite float error
-    return int(min(best, key=lambda j: (round(abs(ts[j] - 0.5), 9), ts[j])))
+    """Two models: index of the best t; ties -> t closest to 0.5, then the smaller t."""
+    return pick_weights(np.stack([ts, 1.0 - ts], 1), curve)
 
 
-def _kfold(ts, m, k, seed):
-    """Out-of-fold NDCG@5 and the t chosen for each fold, from a (Q, T) matrix."""
+def _kfold(points, m, k, seed):
+    """Out-of-fold NDCG@5 and the weights chosen for each fold, from a (Q, W) matrix."""
     if not 2 <= k <= len(m):
         raise DataError("k-fold needs 2 <= k <= number of answered queries (%d), got k=%d"
                         % (len(m), k))
@@ -150,26 +242,37 @@ def _kfold(ts, m, k, seed):
     held, chosen = np.zeros(len(m)), []
     for f in folds:
         train = np.setdiff1d(np.arange(len(m)), f)
-        j = pick_t(ts, m[train].mean(0))
+        j = pick_weights(points, m[train].mean(0))
         held[f] = m[f, j]
-        chosen.append(float(ts[j]))
+        chosen.append(points[j].tolist())
     return float(held.mean()), chosen
 
 
-def tune(p1, p2, answers, *, hows=HOWS, grid=100, k=5, seed=0):
-    """Per normalisation: t tuned on all of valid, its (optimistic) score, the k-fold estimate.
+def tune_members(preds, answers, *, names=None, hows=HOWS, grid=100, simplex_step=0.05, k=5,
+                 seed=0):
+    """Per normalisation: weights tuned on all of valid, their (optimistic) score, the k-fold
+    estimate.
 
-    -> {how: {"t", "valid", "kfold", "fold_t", "curve"}}; one matrix per normalisation.
+    -> {how: {"weights", "valid", "kfold", "fold_weights", "curve" (W,), "points" (W, N)}},
+    plus "t" and "fold_t" (the weight of the first member) for two members.
     """
+    points = weight_grid(len(preds), grid=grid, simplex_step=simplex_step)
     out = {}
     for how in hows:
-        _, ts, m = ndcg_matrix(p1, p2, answers, how, grid)
+        m = ndcg_table(preds, answers, how, points, names)[1]
         curve = m.mean(0)
-        j = pick_t(ts, curve)
-        est, fold_t = _kfold(ts, m, k, seed)
-        out[how] = {"t": float(ts[j]), "valid": float(curve[j]), "kfold": est,
-                    "fold_t": fold_t, "curve": curve}
+        j = pick_weights(points, curve)
+        est, fold_w = _kfold(points, m, k, seed)
+        out[how] = {"weights": points[j].tolist(), "valid": float(curve[j]), "kfold": est,
+                    "fold_weights": fold_w, "curve": curve, "points": points}
+        if len(preds) == 2:
+            out[how].update(t=float(points[j, 0]), fold_t=[w[0] for w in fold_w])
     return out
+
+
+def tune(p1, p2, answers, *, hows=HOWS, grid=100, k=5, seed=0):
+    """Two models: ``tune_members`` with t = the weight of model1."""
+    return tune_members([p1, p2], answers, hows=hows, grid=grid, k=k, seed=seed)
 
 
 def choose_how(tuning, how="best"):
@@ -245,27 +348,38 @@ def write_submission(preds, path, candidates=None, queries=None):
     return rows
 
 
-def summary_table(splits, t, how):
-    """splits: {name: (p1, p2, answers)} -> DataFrame of NDCG@5, rows model1/model2/blend."""
+def describe(how, weights, names):
+    """"raw, t = 0.6869" for two members; "rank, a 0.20 + b 0.35 + c 0.45" for more."""
+    if len(weights) == 2:
+        return "%s, t = %.4f" % (how, weights[0])
+    return "%s, %s" % (how, " + ".join("%s %.2f" % (n, w) for n, w in zip(names, weights)))
+
+
+def summary_table(splits, weights, how, names=MODELS):
+    """splits: {name: (member predictions, answers)} -> DataFrame of NDCG@5, a row per member
+    and one for the blend."""
     import pandas as pd
+    label = "blend (%s)" % describe(how, weights, names).replace(" = ", "=")
     table = {}
-    for name, (p1, p2, answers) in splits.items():
-        table[name] = {"model1": score(p1, answers), "model2": score(p2, answers),
-                       "blend": score(blend(p1, p2, t, how), answers)}
-    df = pd.DataFrame(table).loc[["model1", "model2", "blend"]]
-    df.index = ["model1", "model2", "blend (%s, t=%.4f)" % (how, t)]
-    return df
+    for split, (preds, answers) in splits.items():
+        table[split] = {n: score(p, answers) for n, p in zip(names, preds)}
+        table[split][label] = score(blend_members(preds, weights, how, names), answers)
+    return pd.DataFrame(table).loc[[*names, label]]
 
 
-def tuning_table(tuning):
+def tuning_table(tuning, names=MODELS):
+    """One row per normalisation: t (two members) or each member's weight, both scores."""
     import pandas as pd
-    return pd.DataFrame({h: {"t": r["t"], "valid (t tuned on it)": r["valid"],
-                             "valid k-fold (honest)": r["kfold"]}
-                         for h, r in tuning.items()}).T
+    rows = {}
+    for h, r in tuning.items():
+        head = {"t": r["t"]} if "t" in r else {"w " + n: w for n, w in zip(names, r["weights"])}
+        rows[h] = {**head, "valid (%s tuned on it)" % ("t" if "t" in r else "weights"): r["valid"],
+                   "valid k-fold (honest)": r["kfold"]}
+    return pd.DataFrame(rows).T
 
 
-def plot_curves(tuning, how, path=None):
-    """Valid NDCG@5 against t, one line per normalisation, each chosen t marked."""
+def plot_curves(tuning, how, path=None, names=MODELS):
+    """Two members: valid NDCG@5 against t, one line per normalisation, each chosen t marked."""
     from matplotlib.figure import Figure  # no pyplot: works headless, no global state
     fig = Figure(figsize=(7, 4.2))
     ax = fig.add_subplot()
@@ -275,8 +389,8 @@ def plot_curves(tuning, how, path=None):
                         lw=2.5 if h == how else 1.2)
         ax.plot([r["t"]], [r["valid"]], "*" if h == how else "o", color=line.get_color(), ms=12)
     ax.axvline(tuning[how]["t"], color="grey", ls=":", lw=1)
-    ax.set(xlabel="t (weight of model1)", ylabel="valid NDCG@5",
-           title="blend t*model1 + (1-t)*model2; chosen: %s, t=%.3f" % (how, tuning[how]["t"]))
+    ax.set(xlabel="t (weight of %s)" % names[0], ylabel="valid NDCG@5",
+           title="blend t*%s + (1-t)*%s; chosen: %s, t=%.3f" % (*names, how, tuning[how]["t"]))
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path:
@@ -284,39 +398,83 @@ def plot_curves(tuning, how, path=None):
     return fig
 
 
+def plot_simplex(tuning, how, names, path=None):
+    """Three members: valid NDCG@5 over the weight triangle (barycentric coordinates; a corner
+    is one member alone), one panel per normalisation, each chosen point marked."""
+    from matplotlib.figure import Figure
+    corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]])
+    fig = Figure(figsize=(4.6 * len(tuning), 4.4))
+    for ax, (h, r) in zip(fig.subplots(1, len(tuning), squeeze=False)[0], tuning.items()):
+        xy = r["points"] @ corners
+        im = ax.tripcolor(xy[:, 0], xy[:, 1], r["curve"], shading="gouraud", cmap="viridis")
+        ax.plot(*(np.array(r["weights"]) @ corners), "*" if h == how else "o", color="red",
+                ms=16 if h == how else 9, mec="white")
+        for (x, y), n in zip(corners, names):
+            ax.annotate(n, (x, y), ha="center", va="top" if y == 0 else "bottom", fontsize=9,
+                        xytext=(0, -4 if y == 0 else 4), textcoords="offset points")
+        ax.set_title("%s%s: %.4f, k-fold %.4f" % (h, " (submitted)" if h == how else "",
+                                                   r["valid"], r["kfold"]), pad=18)
+        ax.set_aspect("equal")
+        ax.set_axis_off()
+        fig.colorbar(im, ax=ax, shrink=0.6, label="valid NDCG@5")
+    fig.suptitle("blend weights; chosen: %s" % describe(how, tuning[how]["weights"], names))
+    if path:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def plot_blend(tuning, how, names, folder):
+    """The t curve (``ensemble_t.png``, two members) or the weight triangle
+    (``ensemble_simplex.png``, three) in ``folder`` -> its path; None for more members."""
+    if len(names) > 3:
+        return None
+    if len(names) == 2:
+        path = os.path.join(folder, "ensemble_t.png")
+        plot_curves(tuning, how, path, names)
+    else:
+        path = os.path.join(folder, "ensemble_simplex.png")
+        plot_simplex(tuning, how, names, path)
+    return path
+
+
 # --------------------------------------------------------------------------------------
 # The whole stage
 # --------------------------------------------------------------------------------------
-def run_ensemble(pred_dir, valid_answers, out, *, test_tsv=None, test_answers=None, grid=100,
-                 hows=HOWS, how="best", k=5, seed=0):
-    """Tune on valid, blend test, write submission.csv, ensemble.json, ensemble_t.png.
+def run_ensemble(pred_dir, valid_answers, out, *, models=MODELS, test_tsv=None,
+                 test_answers=None, grid=100, simplex_step=0.05, hows=HOWS, how="best", k=5,
+                 seed=0):
+    """Tune on valid, blend test, write submission.csv, ensemble.json and the plot.
 
-    test_tsv: the test split (default ``default_test_tsv(valid_answers)``); every one of its
-    queries must be in the test predictions.
+    models: the members, ``{split}_pred_<model>.json`` in ``pred_dir``. test_tsv: the test
+    split (default ``default_test_tsv(valid_answers)``); every one of its queries must be in
+    the test predictions.
     """
-    v1, v2 = load_pair(pred_dir, "valid")
-    t1, t2 = load_pair(pred_dir, "test")
-    cands = candidates_of_test_split(t1, test_tsv or default_test_tsv(valid_answers))
+    models = list(models)
+    valid, test = load_members(pred_dir, "valid", models), load_members(pred_dir, "test", models)
+    cands = candidates_of_test_split(test[0], test_tsv or default_test_tsv(valid_answers))
     answers = load_answers(valid_answers)
-    tuning = tune(v1, v2, answers, hows=hows, grid=grid, k=k, seed=seed)
+    tuning = tune_members(valid, answers, names=models, hows=hows, grid=grid,
+                          simplex_step=simplex_step, k=k, seed=seed)
     how = choose_how(tuning, how)
-    t = tuning[how]["t"]
-    splits = {"valid": (v1, v2, answers)}
-    if test_answers:  # reported only; never used to choose t or the normalisation
-        splits["test"] = (t1, t2, load_answers(test_answers))
-    table = summary_table(splits, t, how)  # first: a test query missing fails before writing
-    write_submission(blend(t1, t2, t, how), out, candidates=cands)
+    weights = tuning[how]["weights"]
+    splits = {"valid": (valid, answers)}
+    if test_answers:  # reported only; never used to choose weights or the normalisation
+        splits["test"] = (test, load_answers(test_answers))
+    table = summary_table(splits, weights, how, models)  # first: a missing test query fails
+    write_submission(blend_members(test, weights, how, models), out, candidates=cands)
     folder = os.path.dirname(os.path.abspath(out))
-    png, js = os.path.join(folder, "ensemble_t.png"), os.path.join(folder, "ensemble.json")
-    plot_curves(tuning, how, png)
-    atomic_json({"how": how, "t": t, "grid": grid, "k": k, "seed": seed,
+    png, js = plot_blend(tuning, how, models, folder), os.path.join(folder, "ensemble.json")
+    atomic_json({"how": how, "models": models, "weights": dict(zip(models, weights)),
+                 **({"t": weights[0]} if len(models) == 2 else {}),
+                 "grid": grid, "simplex_step": simplex_step, "k": k, "seed": seed,
                  "valid_ndcg": tuning[how]["valid"], "kfold_ndcg": tuning[how]["kfold"],
-                 "normalisations": {h: {x: r[x] for x in ("t", "valid", "kfold", "fold_t")}
+                 "normalisations": {h: {x: v for x, v in r.items() if x not in ("curve", "points")}
                                     for h, r in tuning.items()},
                  "table": {c: table[c].tolist() for c in table.columns},
                  "table_rows": list(table.index), "submission": os.path.abspath(out)}, js)
-    return {"how": how, "t": t, "tuning": tuning, "tuning_table": tuning_table(tuning),
-            "table": table, "submission": out, "png": png, "json": js}
+    return {"how": how, "models": models, "weights": weights, "tuning": tuning,
+            "tuning_table": tuning_table(tuning, models), "table": table, "submission": out,
+            "png": png, "json": js}
 
 
 def rank_correlation(p1, p2):
@@ -332,15 +490,19 @@ def rank_correlation(p1, p2):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Blend model1 and model2; write submission.csv.")
+    p = argparse.ArgumentParser(description="Blend two or more models; write submission.csv.")
     p.add_argument("--pred-dir", default="prediction_result",
-                   help="folder with {valid,test}_pred_model{1,2}.json")
+                   help="folder with {valid,test}_pred_<model>.json of every member")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated members, e.g. multilabel,model1,model2")
     p.add_argument("--valid-answers", required=True, help="DATA/valid/valid_answer.json")
     p.add_argument("--test-tsv", help="the test split, whose every query the submission must "
                    "cover (default: testB/testB.tsv beside the valid/ of --valid-answers)")
     p.add_argument("--test-answers", help="test answers, reported only (synthetic data)")
     p.add_argument("--out", default="prediction_result/submission.csv", help="submission path")
-    p.add_argument("--grid", type=int, default=100, help="t grid points over [0, 1]")
+    p.add_argument("--grid", type=int, default=100, help="t grid points over [0, 1] (2 members)")
+    p.add_argument("--simplex-step", type=float, default=0.05,
+                   help="weight step on the simplex (3 or more members)")
     p.add_argument("--normalisations", nargs="+", default=list(HOWS), choices=HOWS)
     p.add_argument("--how", default="best", choices=("best",) + HOWS,
                    help="normalisation to submit; best = highest k-fold estimate")
@@ -352,14 +514,15 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     try:
-        r = run_ensemble(a.pred_dir, a.valid_answers, a.out, test_tsv=a.test_tsv,
-                         test_answers=a.test_answers, grid=a.grid, hows=a.normalisations,
-                         how=a.how, k=a.k, seed=a.seed)
+        r = run_ensemble(a.pred_dir, a.valid_answers, a.out, models=a.models.split(","),
+                         test_tsv=a.test_tsv, test_answers=a.test_answers, grid=a.grid,
+                         simplex_step=a.simplex_step, hows=a.normalisations, how=a.how, k=a.k,
+                         seed=a.seed)
     except (DataError, ValueError) as e:
         sys.exit("error: %s" % e)
     print(r["tuning_table"].to_string(float_format="%.4f"))
     print(r["table"].to_string(float_format="%.4f"))
-    print("chose %s, t=%.4f -> %s" % (r["how"], r["t"], r["submission"]))
+    print("chose %s -> %s" % (describe(r["how"], r["weights"], r["models"]), r["submission"]))
     return r
 
 

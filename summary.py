@@ -35,14 +35,16 @@ def main(argv=None):
                 json.loads(line).get("valid_ndcg5", 0.0) for line in f)
     pred = os.path.join(a.out, "prediction_result")
     if os.path.exists(os.path.join(pred, "valid_pred_model2.json")):
-        p1, p2 = ensemble.load_pair(pred, "valid")
+        p1, p2 = ensemble.load_members(pred, "valid")
         extra["valid_rank_correlation_model1_model2"] = ensemble.rank_correlation(p1, p2)
     cols = list(ens["table"])
-    print("NDCG@5 (blend: %s normalisation, t=%.3f chosen on valid; valid k-fold estimate %.4f)"
-          % (ens["how"], ens["t"], ens["kfold_ndcg"]))
-    print("%-28s" % "" + "".join("%10s" % c for c in cols))
+    chosen = ensemble.describe(ens["how"], list(ens["weights"].values()), list(ens["weights"]))
+    print("NDCG@5 (blend: %s, chosen on valid; valid k-fold estimate %.4f)"
+          % (chosen, ens["kfold_ndcg"]))
+    width = max(28, *(len(r) + 2 for r in ens["table_rows"]))
+    print(" " * width + "".join("%10s" % c for c in cols))
     for i, row in enumerate(ens["table_rows"]):
-        print("%-28s" % row + "".join("%10.4f" % ens["table"][c][i] for c in cols))
+        print(row.ljust(width) + "".join("%10.4f" % ens["table"][c][i] for c in cols))
     for k, v in extra.items():
         print("%-40s %.4f" % (k.replace("_", " "), v))
     if times:

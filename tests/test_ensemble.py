@@ -181,6 +181,123 @@ def test_choose_how_by_kfold():
 
 
 # ---------------------------------------------------------------------------------------
+# Three or more members
+# ---------------------------------------------------------------------------------------
+def noisy_member(p, seed):
+    """Scores of the candidates of ``p`` that know nothing about the answers."""
+    rng = np.random.default_rng(seed)
+    return {q: {c: float(x) for c, x in zip(sc, rng.normal(0, 1, len(sc)))} for q, sc in p.items()}
+
+
+def caps_case(caps):
+    """Query i is answered right only while member i's weight stays at or below caps[i].
+
+    The answer scores 1 in every member -> 1 at any weights; the decoy scores 1/caps[i] in
+    member i alone -> w_i / caps[i], above the answer once w_i > caps[i].
+    """
+    preds, answers = [{} for _ in caps], {}
+    for q, cap in enumerate(caps):
+        for i, p in enumerate(preds):
+            p[q] = {10 * q + 1: 1.0, 10 * q + 2: 1 / cap if i == q else 0.0}
+        answers[q] = {10 * q + 1}
+    return preds, answers
+
+
+def test_weight_grid_counts_and_sums():
+    assert ensemble.weight_grid(2, grid=11) == pytest.approx(
+        np.stack([np.linspace(0, 1, 11), 1 - np.linspace(0, 1, 11)], 1))
+    for n, step, count in ((3, 0.05, 231), (3, 0.1, 66), (4, 0.05, 1771), (5, 0.25, 70)):
+        w = ensemble.weight_grid(n, simplex_step=step)
+        assert w.shape == (count, n) and len(np.unique(w, axis=0)) == count
+        assert w.sum(1) == pytest.approx(np.ones(count)) and w.min() == 0 and w.max() == 1
+        assert np.allclose(w / step, np.round(w / step))
+    for bad in ({"n": 1}, {"n": 3, "simplex_step": 0.3}):
+        with pytest.raises(ValueError):
+            ensemble.weight_grid(**bad)
+
+
+def test_three_members_only_a_mix_ranks_every_query_right():
+    # caps 0.52, 0.32, 0.22: on the 0.05 grid only (0.5, 0.3, 0.2) keeps all three answers first
+    preds, answers = caps_case([0.52, 0.32, 0.22])
+    r = ensemble.tune_members(preds, answers, hows=("raw",), k=3)["raw"]
+    assert r["weights"] == pytest.approx([0.5, 0.3, 0.2]) and r["valid"] == 1.0
+    assert r["curve"].shape == (231,) and np.sum(r["curve"] == 1.0) == 1
+    # a held-out query has no cap on its own member, so its fold puts more weight there
+    assert r["kfold"] < 1.0 and len(r["fold_weights"]) == 3
+    assert all(sum(w) == pytest.approx(1.0) for w in r["fold_weights"]) and "t" not in r
+    assert ensemble.score(ensemble.blend_members(preds, r["weights"]), answers) == 1.0
+
+
+@pytest.mark.parametrize("how", ensemble.HOWS)
+def test_weight_goes_to_the_one_member_that_knows(how):
+    p1, _, answers = random_world(n_queries=30, seed=7)
+    perfect = {q: {p: float(p in answers[q]) for p in sc} for q, sc in p1.items()}
+    preds = [noisy_member(p1, 1), perfect, noisy_member(p1, 2)]
+    r = ensemble.tune_members(preds, answers, hows=(how,))[how]
+    # the point nearest equal weights that is perfect on a fold can slip on the held-out one
+    assert r["valid"] == 1.0 and 0.99 < r["kfold"] <= 1.0
+    assert r["weights"][1] >= 0.5 and sum(r["weights"]) == pytest.approx(1.0)
+    ends = [ensemble.score(ensemble.normalise(p, how), answers) for p in preds]
+    assert ends[1] == 1.0 and max(ends[0], ends[2]) < 0.7
+
+
+def test_simplex_tie_rule_prefers_equal_weights_then_lexicographic():
+    p1, _, answers = random_world(n_queries=6, seed=8)
+    r = ensemble.tune_members([p1, p1, p1], answers, hows=("raw",), k=2)["raw"]
+    assert len(set(r["curve"])) == 1  # every point ranks alike
+    assert r["weights"] == pytest.approx([0.3, 0.35, 0.35])  # of the 3 nearest (1/3, 1/3, 1/3)
+
+
+@pytest.mark.parametrize("how", ensemble.HOWS)
+def test_two_members_through_the_general_path(how):
+    p1, p2, answers = random_world(n_queries=20, seed=9)
+    assert ensemble.blend_members([p1, p2], [0.3, 0.7], how) == blend(p1, p2, 0.3, how)
+    a = ensemble.tune(p1, p2, answers, hows=(how,), grid=21)[how]
+    b = ensemble.tune_members([p1, p2], answers, hows=(how,), grid=21)[how]
+    assert a["t"] == b["t"] == b["weights"][0] and a["fold_t"] == [w[0] for w in b["fold_weights"]]
+    assert a["weights"] == [a["t"], 1.0 - a["t"]] and a["kfold"] == b["kfold"]
+    with pytest.raises(ValueError, match="summing to 1"):
+        ensemble.blend_members([p1, p2, p2], [0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="two or more"):
+        ensemble.blend_members([p1], [1.0])
+
+
+def test_members_must_align_naming_the_file(tmp_path):
+    p1, p2, _ = random_world(n_queries=4)
+    p3 = noisy_member(p1, 3)
+    q = sorted(p3)[1]
+    for split in ("valid", "test"):
+        for name, p in (("model1", p1), ("model2", p2), ("model3", p3)):
+            dump(p, tmp_path / ("%s_pred_%s.json" % (split, name)))
+    assert len(ensemble.load_members(str(tmp_path), "valid", ["model1", "model2", "model3"])) == 3
+    del p3[q]
+    dump(p3, tmp_path / "valid_pred_model3.json")
+    with pytest.raises(DataError, match=r"query %d is in \S*valid_pred_model1\.json's predictions "
+                       r"but not in \S*valid_pred_model3\.json's" % q):
+        ensemble.load_members(str(tmp_path), "valid", ["model1", "model2", "model3"])
+    p3[q] = dict(list(p1[q].items())[1:])
+    dump(p3, tmp_path / "test_pred_model3.json")
+    with pytest.raises(DataError, match=r"query %d: \S*test_pred_model1\.json and "
+                       r"\S*test_pred_model3\.json score different candidates" % q):
+        ensemble.load_members(str(tmp_path), "test", ["model1", "model2", "model3"])
+    with pytest.raises(ValueError, match="distinct"):
+        ensemble.load_members(str(tmp_path), "test", ["model1", "model1"])
+
+
+def test_plots_write_a_png(tmp_path):
+    p1, p2, answers = random_world(n_queries=10, seed=10)
+    names = ["a", "b", "c"]
+    tuning = ensemble.tune_members([p1, p2, noisy_member(p1, 4)], answers, simplex_step=0.1)
+    path = ensemble.plot_blend(tuning, "rank", names, str(tmp_path))
+    assert path == str(tmp_path / "ensemble_simplex.png")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
+    tuning = ensemble.tune(p1, p2, answers, grid=11)
+    assert ensemble.plot_blend(tuning, "raw", ["a", "b"], str(tmp_path)).endswith("ensemble_t.png")
+    assert ensemble.plot_blend(tuning, "raw", ["a", "b", "c", "d"], str(tmp_path)) is None
+
+
+# ---------------------------------------------------------------------------------------
 # Loading and submission
 # ---------------------------------------------------------------------------------------
 def test_load_predictions_round_trip_and_errors(tmp_path):
@@ -292,6 +409,41 @@ def test_main_cli(pred_world, capsys):
     assert "chose" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="valid_pred_model1.json: not found"):
         ensemble.main(["--pred-dir", str(tmp), "--valid-answers", str(tmp / "x.json")])
+
+
+def test_main_cli_three_members(pred_world, capsys):
+    tmp, valid, test = pred_world
+    pred = tmp / "prediction_result"
+    for split, (p1, _, _) in (("valid", valid), ("test", test)):
+        dump(noisy_member(p1, 11), pred / ("%s_pred_model3.json" % split))
+    models = ["model1", "model2", "model3"]
+    out = str(tmp / "out3" / "submission.csv")
+    r = ensemble.main(["--pred-dir", str(pred), "--valid-answers", str(tmp / "valid_answer.json"),
+                       "--test-tsv", str(tmp / "test.tsv"), "--models", ",".join(models),
+                       "--simplex-step", "0.1", "--out", out])
+    with open(os.path.join(os.path.dirname(out), "ensemble.json")) as f:
+        report = json.load(f)
+    tuning = ensemble.tune_members(list(valid[:2]) + [noisy_member(valid[0], 11)], valid[2],
+                                   simplex_step=0.1)
+    assert report["models"] == models and "t" not in report
+    assert report["how"] == max(tuning, key=lambda h: tuning[h]["kfold"])
+    assert list(report["weights"].values()) == tuning[report["how"]]["weights"]
+    assert sum(report["weights"].values()) == pytest.approx(1.0)
+    assert all(set(n) >= {"weights", "valid", "kfold", "fold_weights"}
+               for n in report["normalisations"].values())
+    assert report["table_rows"][:3] == models and len(report["table"]["valid"]) == 4
+    assert r["png"].endswith("ensemble_simplex.png") and os.path.getsize(r["png"]) > 1000
+    b = ensemble.blend_members([test[0], test[1], noisy_member(test[0], 11)],
+                               tuning[report["how"]]["weights"], report["how"])
+    rows = read_csv(out)
+    assert all(list(map(int, r[1:])) == rank(b[int(r[0])].items())[:5] for r in rows[1:])
+    assert "chose %s, model1 " % report["how"] in capsys.readouterr().out
+    # two members: t and the weights agree
+    ensemble.main(["--pred-dir", str(pred), "--valid-answers", str(tmp / "valid_answer.json"),
+                   "--test-tsv", str(tmp / "test.tsv"), "--grid", "21", "--out", out])
+    with open(os.path.join(os.path.dirname(out), "ensemble.json")) as f:
+        report = json.load(f)
+    assert report["weights"] == {"model1": report["t"], "model2": 1.0 - report["t"]}
 
 
 @pytest.mark.slow
