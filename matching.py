@@ -1,5 +1,6 @@
-"""What model1 and model2 share: flags, the pretrained export, parameter groups, scoring,
-the per-epoch evaluator, loading a trained checkpoint and writing prediction files.
+"""What model1, model2 and model3 share: flags, the training run, the pretrained export,
+parameter groups, scoring, the per-epoch evaluator, loading a trained checkpoint and writing
+prediction files.
 
 Each stage's ``model.py`` supplies ``PRESETS`` and ``build_model(encoder, word_emb, args)``;
 its ``train.py`` and ``validation.py`` call the helpers here.
@@ -13,6 +14,7 @@ import torch
 import engine
 import metric
 import runtime
+import sampler
 import utils
 from multilabel.model import load_export
 
@@ -38,6 +40,31 @@ def train_parser(description, presets):
     g.add_argument("--eval-split", default="valid")
     g.add_argument("--no-eval", action="store_true")
     return p
+
+
+def train_main(args, build_model, *, fallback):
+    """Train a stage, its options parsed and its preset applied: the process group, the
+    pairs with hard negatives (``fallback``: the group a negative query comes from when it
+    does not share the last word, see ``sampler.NegativeSampler``), the stage's model on
+    the export, then ``engine.fit``. -> the per-epoch history."""
+    dist = runtime.Dist(args.local_rank, timeout_s=args.dist_timeout)
+    runtime.setup_logging(dist.main)
+    runtime.seed_everything(args.seed, dist.rank)
+    queries, vocab = utils.load_info(args.info)
+    negatives = sampler.NegativeSampler(queries, p_last=args.p_last, fallback=fallback,
+                                        p_near=args.p_near)
+    dataset = utils.PairDataset(queries, vocab, engine.build_store(args), sampler=negatives,
+                                seed=args.seed)
+    encoder, word_emb, _ = load_pretrained(args.export, vocab, args.info)
+    model = build_model(encoder, word_emb, args)
+    # only rank 0 evaluates: the other ranks never read the evaluation split
+    evaluate = make_evaluator(args, vocab) if dist.main and not args.no_eval else None
+    # the vocabulary the frozen embeddings index: checked on resume and in load_trained
+    history = engine.fit(args, model, dataset, dist=dist, groups=param_groups(model, args),
+                         collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
+                         evaluate=evaluate, extra_state={"vocab": vocab.itos})
+    dist.close()
+    return history
 
 
 def load_pretrained(export, vocab=None, info=None):

@@ -17,9 +17,7 @@ if ROOT not in sys.path:
 
 import engine  # noqa: E402
 import matching  # noqa: E402
-import sampler  # noqa: E402
 import runtime  # noqa: E402
-import utils  # noqa: E402
 from model2.model import PRESETS, build_model  # noqa: E402
 
 
@@ -38,24 +36,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = engine.apply_preset(parse_args(argv), PRESETS)
-    dist = runtime.Dist(args.local_rank, timeout_s=args.dist_timeout)
-    runtime.setup_logging(dist.main)
-    runtime.seed_everything(args.seed, dist.rank)
-    queries, vocab = utils.load_info(args.info)
-    negatives = sampler.NegativeSampler(queries, p_last=args.p_last, fallback="cluster_or_random",
-                                        p_near=args.p_near)
-    dataset = utils.PairDataset(queries, vocab, engine.build_store(args), sampler=negatives,
-                                seed=args.seed)
-    encoder, word_emb, _ = matching.load_pretrained(args.export, vocab, args.info)
-    model = build_model(encoder, word_emb, args)
-    # only rank 0 evaluates: the other ranks never read the evaluation split
-    evaluate = matching.make_evaluator(args, vocab) if dist.main and not args.no_eval else None
-    # the vocabulary the frozen embeddings index: checked on resume and in load_trained
-    history = engine.fit(args, model, dataset, dist=dist, groups=matching.param_groups(model, args),
-                         collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
-                         evaluate=evaluate, extra_state={"vocab": vocab.itos})
-    dist.close()
-    return history
+    return matching.train_main(args, build_model, fallback="cluster_or_random")
 
 
 if __name__ == "__main__":
