@@ -1,0 +1,177 @@
+"""model3: a dual encoder, one unit vector per product and one per query, scored by their
+dot product, so a whole catalogue can be encoded once and searched.
+
+Image side: the exported trunk (frozen, or fine-tuned) -> plus a box embedding of each
+region (zero at the start, so pooling first sees what it was pretrained on) -> pooling over
+the regions (the exported attention pooling, or the mean) -> Linear -> L2 norm. Text side:
+the exported word embeddings (frozen) -> LayerNorm -> attention pooling (or a BiGRU whose
+states are attention-pooled) -> Linear -> L2 norm. The collate carries no detector class,
+so there is no class embedding.
+
+Loss: InfoNCE in both directions with a learned temperature over every pair of the batch
+(of every rank under DDP); rows of the same query are not each other's negatives, and each
+row's sampled negative product (query -> products) and negative query (product -> queries)
+are one more column.
+"""
+import math
+
+import torch
+import torch.distributed as td
+import torch.nn as nn
+import torch.nn.functional as F
+
+import utils
+from model1.model import TextSide
+from multilabel.model import AttentionPool
+
+# the inverse temperature starts at 1 / 0.07 and is clamped to at most 100 (CLIP's values)
+LOG_SCALE_INIT, LOG_SCALE_MAX = math.log(1 / 0.07), math.log(100.0)
+
+# model3 is not published. paper: the published matching stages' batch, text rate, decay
+# and frozen trunk; the new image layers (box embedding, projection) train at the text
+# rate, not at the 5e-6 those stages give the pretrained pooling. small: this CPU, the trunk
+# frozen (the better on the hard world, docs/method.md); tiny: tests
+PRESETS = {
+    "paper": dict(batch_size=130, lr_text=1e-4, lr_image=1e-4, lr_trunk=5e-6,
+                  weight_decay=1e-6, gamma=0.95, epochs=5, p_near=0.0, dim=1024,
+                  freeze_trunk=1, pool="attn", text="attn"),
+    "small": dict(batch_size=128, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
+                  weight_decay=1e-6, gamma=0.9, epochs=3, p_near=0.5, dim=256,
+                  freeze_trunk=1, pool="attn", text="attn"),
+    "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
+                 weight_decay=1e-6, gamma=0.95, epochs=2, p_near=0.5, dim=32,
+                 freeze_trunk=1, pool="attn", text="attn"),
+}
+
+
+class MeanPool(nn.Module):
+    """The mean over the real regions: (B, N, d), mask (B, N) -> (B, d)."""
+
+    def forward(self, x, mask):
+        m = mask[..., None].to(x.dtype)
+        return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class ImageSide(nn.Module):
+    """Regions -> (B, dim) unit vectors on the exported trunk; its pooling is kept for
+    ``pool="attn"``, its output MLP (the word heads) is not used."""
+
+    def __init__(self, encoder, dim, *, pool="attn", tune_trunk=False):
+        super().__init__()
+        if pool not in ("attn", "mean"):
+            raise ValueError("pool must be 'attn' or 'mean', got %r" % (pool,))
+        d = encoder.config["d_model"]
+        self.trunk, self.tune_trunk = encoder.trunk, tune_trunk
+        for p in self.trunk.parameters():
+            p.requires_grad = tune_trunk
+        self.box = nn.Linear(5, d)
+        nn.init.zeros_(self.box.weight), nn.init.zeros_(self.box.bias)
+        self.pool = encoder.pool if pool == "attn" else MeanPool()
+        self.proj = nn.Linear(d, dim)
+
+    def forward(self, boxes, feats, mask):
+        """boxes (B, N, 5), feats (B, N, F), mask (B, N) -> (B, dim), unit norm."""
+        with torch.set_grad_enabled(self.tune_trunk and torch.is_grad_enabled()):
+            x = self.trunk(boxes, feats, mask)
+        x = self.pool(x + self.box(boxes), mask)
+        return F.normalize(self.proj(x).float(), dim=-1)
+
+
+class DualEncoder(nn.Module):
+    """ImageSide + the text side + the learned temperature."""
+
+    def __init__(self, encoder, word_emb, *, dim=256, pool="attn", text="attn", tune_trunk=False):
+        super().__init__()
+        if text not in ("attn", "gru"):
+            raise ValueError("text must be 'attn' or 'gru', got %r" % (text,))
+        d_word = word_emb.shape[1]
+        self.encoder = ImageSide(encoder, dim, pool=pool, tune_trunk=tune_trunk)
+        # gru: model1's text side (LayerNorm, 2-layer BiGRU, directions averaged, packed)
+        self.text = TextSide(word_emb, d_word, gru=text == "gru")
+        self.text_norm = nn.LayerNorm(d_word) if text == "attn" else nn.Identity()
+        self.text_pool = AttentionPool(d_word, [d_word])
+        self.text_proj = nn.Linear(d_word, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(LOG_SCALE_INIT))
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not self.encoder.tune_trunk:
+            self.encoder.trunk.eval()  # frozen: no dropout noise either
+        return self
+
+    def encode_image(self, boxes, feats, mask):
+        return self.encoder(boxes, feats, mask)
+
+    def encode_images(self, batch):
+        """A product batch as ``utils.CandidateSet.product_batches`` yields it ->
+        (N, dim) unit vectors, on the model's device."""
+        dev = self.logit_scale.device
+        return self.encode_image(batch["boxes"].to(dev), batch["feats"].to(dev),
+                                 batch["mask"].to(dev))
+
+    def encode_queries(self, tokens):
+        """tokens (Q, L) 0-padded -> (Q, dim) unit vectors; an empty query reads <unk>."""
+        tokens = tokens.to(self.logit_scale.device).clone()
+        tokens[(tokens != 0).sum(1) == 0, 0] = utils.UNK
+        e, states, mask = self.text(tokens)
+        x = self.text_norm(e) if states is None else states
+        return F.normalize(self.text_proj(self.text_pool(x, mask)).float(), dim=-1)
+
+    def score(self, tokens, image, pairs):
+        """tokens (Q, L), image (P, dim), pairs (N, 2) of (query, product) indices -> (N,)."""
+        text = self.encode_queries(tokens)
+        return (text[pairs[:, 0]] * image[pairs[:, 1]]).sum(1)
+
+    def forward(self, q_tokens, qi, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats,
+                n_mask, **_):
+        text, image = self.encode_queries(q_tokens), self.encode_image(p_boxes, p_feats, p_mask)
+        neg_text = self.encode_queries(nq_tokens)
+        neg_image = self.encode_image(n_boxes, n_feats, n_mask)
+        scale = self.logit_scale.clamp(0.0, LOG_SCALE_MAX).exp()
+        loss = infonce_loss(text, image, qi, scale, neg_text=neg_text, neg_image=neg_image)
+        return loss, {"pos": (text * image).sum(1).mean().detach(), "scale": scale.detach()}
+
+
+def gather_rows(x):
+    """This rank's rows x (B, ...) -> (every rank's rows in rank order (world * B, ...), the
+    index of this rank's first row). Gradients flow only through this rank's part: the
+    others arrive detached, so a rank's loss trains its own embeddings against every rank's
+    as constants, and DDP averages the resulting parameter gradients. Without a process
+    group: (x, 0)."""
+    if not td.is_initialized() or td.get_world_size() == 1:
+        return x, 0
+    parts = [torch.empty_like(x) for _ in range(td.get_world_size())]
+    td.all_gather(parts, x.detach().contiguous())
+    rank = td.get_rank()
+    parts[rank] = x
+    return torch.cat(parts), rank * len(x)
+
+
+def infonce_loss(text, image, qi, scale, *, neg_text, neg_image):
+    """InfoNCE query -> products and product -> queries, averaged.
+
+    text, image (B, D) unit vectors, row i a positive pair; qi (B,) query indices; scale the
+    inverse temperature; neg_image (B, D) row i's sampled negative product, neg_text (B, D)
+    its sampled negative query, each one extra column of row i only (the sampler keeps
+    them off row i's query, not off the others'). The in-batch columns are every rank's
+    rows (``gather_rows``); a column of the same query as the row, other than the row's
+    own pair, is masked out: it is a positive too, not a negative.
+    """
+    all_text, start = gather_rows(text)
+    all_image, _ = gather_rows(image)
+    all_qi, _ = gather_rows(qi)
+    target = torch.arange(len(qi), device=qi.device) + start
+    same = qi[:, None] == all_qi[None, :]
+    same[torch.arange(len(qi)), target] = False
+    same = F.pad(same, (0, 1), value=False)               # the sampled negative's column
+    t2i = torch.cat([text @ all_image.t(), (text * neg_image).sum(1, keepdim=True)], 1)
+    i2t = torch.cat([image @ all_text.t(), (image * neg_text).sum(1, keepdim=True)], 1)
+    return sum(F.cross_entropy((scale * s).masked_fill(same, float("-inf")), target)
+               for s in (t2i, i2t)) / 2
+
+
+def build_model(encoder, word_emb, args):
+    """The dual encoder the options (of train.py, or a checkpoint's) name, on the exported
+    encoder and word embeddings (V, E)."""
+    return DualEncoder(encoder, word_emb, dim=args.dim, pool=args.pool, text=args.text,
+                       tune_trunk=not args.freeze_trunk)

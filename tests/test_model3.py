@@ -1,0 +1,208 @@
+"""model3, the dual encoder: shapes and unit norm, the loss by hand (same-query pairs are
+not negatives), which rows of the all-gather carry gradient, the presets; slow: a tiny
+world learns, validation writes both files, two gloo processes keep identical replicas."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as td
+import torch.nn.functional as F
+
+import engine
+import matching
+import metric
+import runtime
+import tsv
+import utils
+from model3 import model as m3_model, train as m3_train, validation as m3_validation
+from multilabel.model import ENCODER_PRESETS, ImageEncoder
+from test_stages import _common, _log, _torchrun, pretrained  # noqa: F401 (a fixture)
+
+CFG = ENCODER_PRESETS["tiny"]
+
+
+def _model(**options):
+    torch.manual_seed(0)
+    a = argparse.Namespace(**dict(m3_model.PRESETS["tiny"], **options))
+    return m3_model.build_model(ImageEncoder(CFG), torch.randn(12, CFG["d_word"]), a), a
+
+
+def _batch(b=4):
+    regions = [torch.rand(b, 3, 5), torch.rand(b, 3, CFG["feat_dim"]),
+               torch.ones(b, 3, dtype=torch.bool)]
+    regions[2][0, 2:] = False                                    # a product with 2 boxes
+    out = dict(q_tokens=torch.tensor([[4, 5], [6, 7], [8, 0], [9, 4]])[:b], qi=torch.arange(b))
+    out.update(zip(["p_boxes", "p_feats", "p_mask"], regions))
+    out.update(zip(["n_boxes", "n_feats", "n_mask"], [r.flip(0) for r in regions]))
+    out["nq_tokens"] = out["q_tokens"].roll(1, 0)
+    return out
+
+
+@pytest.mark.parametrize("pool,text", [("attn", "attn"), ("mean", "gru")])
+def test_vectors_have_unit_norm_and_the_score_is_their_dot_product(pool, text):
+    m, a = _model(pool=pool, text=text)
+    m.eval()
+    b = _batch()
+    with torch.no_grad():
+        image = m.encode_images({"boxes": b["p_boxes"], "feats": b["p_feats"],
+                                 "mask": b["p_mask"]})
+        tokens = torch.tensor([[4, 5, 0], [6, 0, 0], [0, 0, 0]])   # the last one empty
+        text_vec = m.encode_queries(tokens)
+        pairs = torch.tensor([[0, 1], [2, 3], [1, 0]])
+        scores = m.score(tokens, image, pairs)
+    assert image.shape == (4, a.dim) and text_vec.shape == (3, a.dim)
+    assert torch.allclose(image.norm(dim=1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(text_vec.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(scores, (text_vec[pairs[:, 0]] * image[pairs[:, 1]]).sum(1))
+    # padding changes nothing: the 2-box product alone, unpadded
+    with torch.no_grad():
+        alone = m.encode_image(b["p_boxes"][:1, :2], b["p_feats"][:1, :2], b["p_mask"][:1, :2])
+    assert torch.allclose(alone, image[:1], atol=1e-5)
+
+
+def test_loss_masks_pairs_of_the_same_query():
+    """Rows 0 and 1 are one query: neither is the other's negative; by hand otherwise."""
+    torch.manual_seed(0)
+    text, image, neg_text, neg_image = F.normalize(torch.randn(4, 3, 4), dim=2)
+    qi, scale = torch.tensor([7, 7, 2]), torch.tensor(10.0)
+    loss = m3_model.infonce_loss(text, image, qi, scale, neg_text=neg_text, neg_image=neg_image)
+    keep = [[0, 2], [1, 2], [0, 1, 2]]  # the columns row i compares against
+
+    def side(a, b, neg):
+        return sum(-torch.log_softmax(scale * torch.cat([a[i] @ b[keep[i]].t(),
+                                                         (a[i] * neg[i]).sum()[None]]), 0)
+                   [keep[i].index(i)] for i in range(3)) / 3
+    want = (side(text, image, neg_image) + side(image, text, neg_text)) / 2
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    # as two queries, rows 0 and 1 are each other's negatives: more terms in the softmax
+    assert loss < m3_model.infonce_loss(text, image, torch.tensor([7, 8, 2]), scale,
+                                        neg_text=neg_text, neg_image=neg_image)
+
+
+def test_gather_rows_keeps_the_gradient_on_this_ranks_rows(monkeypatch):
+    """As rank 1 of 2: rank 0's rows arrive detached, this rank's rows are x itself."""
+    other = torch.full((2, 3), 5.0)
+
+    def all_gather(parts, x):
+        assert not x.requires_grad
+        parts[0].copy_(other), parts[1].copy_(x)
+    monkeypatch.setattr(td, "is_initialized", lambda: True)
+    monkeypatch.setattr(td, "get_world_size", lambda: 2)
+    monkeypatch.setattr(td, "get_rank", lambda: 1)
+    monkeypatch.setattr(td, "all_gather", all_gather)
+    x = torch.randn(2, 3, requires_grad=True)
+    rows, start = m3_model.gather_rows(x)
+    assert start == 2 and torch.equal(rows[:2], other) and torch.equal(rows[2:], x.detach())
+    (rows * torch.arange(12.0).view(4, 3)).sum().backward()
+    assert torch.equal(x.grad, torch.arange(6.0, 12.0).view(2, 3))  # only rows 2..3 reach x
+
+
+def test_loss_falls_on_one_batch_and_the_frozen_trunk_gets_no_gradient():
+    m, _ = _model()
+    m.train()
+    b = _batch()
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = m(**b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 2
+    assert all(p.grad is None for p in m.encoder.trunk.parameters())
+    assert not m.text.emb.weight.requires_grad
+
+
+@pytest.mark.parametrize("freeze", [1, 0])
+def test_parameter_groups(freeze):
+    """box embedding, pooling and projection at lr_image; text side and temperature at
+    lr_text; the trunk at lr_trunk only when tuned."""
+    m, a = _model(freeze_trunk=freeze)
+    opt, _ = engine.make_optimizer(matching.param_groups(m, a), a.gamma)
+    names = {id(p): n for n, p in m.named_parameters()}
+    groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
+    assert [g["lr"] for g in opt.param_groups] == [a.lr_image, a.lr_text] + \
+        ([] if freeze else [a.lr_trunk])
+    assert {n.split(".")[1] for n in groups[0]} == {"box", "pool", "proj"}
+    assert "logit_scale" in groups[1]
+    assert groups[2:] == ([] if freeze else [{n for n in names.values()
+                                             if n.startswith("encoder.trunk.")}])
+
+
+def test_presets_pinned():
+    def args(preset):
+        return engine.apply_preset(m3_train.parse_args(["--out", "o", "--preset", preset]),
+                                   m3_train.PRESETS)
+    keys = ("batch_size", "lr_text", "lr_image", "lr_trunk", "weight_decay", "gamma", "epochs",
+            "p_near", "dim", "freeze_trunk", "pool", "text")
+    assert {p: tuple(getattr(args(p), k) for k in keys) for p in ("paper", "small", "tiny")} == {
+        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 1024, 1, "attn", "attn"),
+        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 3, 0.5, 256, 1, "attn", "attn"),
+        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 32, 1, "attn", "attn")}
+    a = args("paper")
+    with torch.device("meta"):
+        m = m3_model.build_model(ImageEncoder(ENCODER_PRESETS["paper"]), torch.empty(100, 1024), a)
+    assert (m.encoder.proj.in_features, m.encoder.proj.out_features) == (2048, 1024)
+    assert (m.text_proj.in_features, m.text_proj.out_features) == (1024, 1024)
+    assert not any(p.requires_grad for p in m.encoder.trunk.parameters())
+    assert not m.text.emb.weight.requires_grad
+
+
+# ---------------------------------------------------------------------------------------
+# slow: training, on the tiny world and the export of test_stages.py
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_trains_beats_random_and_writes_predictions(pretrained, tiny_world, tmp_path):
+    export = os.path.join(pretrained, "encoder.pt")
+    out, pred = str(tmp_path / "model3"), str(tmp_path / "pred")
+    m3_train.main(_common(tiny_world, out, epochs=3) + ["--export", export])
+    log = _log(out)
+    best = max(r["valid_ndcg5"] for r in log)
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert best > tiny_world.report["valid"]["random"] + 0.1
+    ck = runtime.load_checkpoint(os.path.join(out, "best.pt"))
+    assert not any(k.startswith("encoder.trunk.") for k in ck["model"])  # frozen: not stored
+    res = m3_validation.main(["--ckpt", os.path.join(out, "best.pt"), "--split", "valid",
+                              "--split", "testB", "--out", pred])
+    assert set(res) == {"valid", "testB"} and res["valid"] == pytest.approx(best, abs=1e-6)
+    for split, name in (("valid", "valid"), ("testB", "test")):  # what the blend reads
+        path = os.path.join(pred, "%s_pred_model3.json" % name)
+        preds = metric.load_predictions(path)
+        cands = tsv.read_candidates(os.path.join(tiny_world.data, split, split + ".tsv"))
+        assert {q: set(s) for q, s in preds.items()} == \
+            {q: {p["product_id"] for p in c["products"]} for q, c in cands.items()}
+        with open(path) as f:
+            assert all([s for _, s in v] == sorted((s for _, s in v), reverse=True)
+                       for v in json.load(f).values())
+        answers = metric.load_answers(os.path.join(tiny_world.data, split, split + "_answer.json"))
+        assert metric.ndcg_at_k({q: list(s.items()) for q, s in preds.items()}, answers) == \
+            pytest.approx(res[split])
+
+
+@pytest.mark.slow
+def test_fine_tuned_trunk_is_stored_and_loads(pretrained, tiny_world, tmp_path):
+    export = os.path.join(pretrained, "encoder.pt")
+    out = str(tmp_path / "tuned")
+    m3_train.main(_common(tiny_world, out, epochs=1) + ["--export", export, "--no-eval",
+                                                        "--freeze-trunk", "0"])
+    ck = runtime.load_checkpoint(os.path.join(out, "last.pt"))
+    assert any(k.startswith("encoder.trunk.") for k in ck["model"])
+    model, vocab, _ = matching.load_trained(m3_model.build_model, os.path.join(out, "last.pt"))
+    assert model.encoder.tune_trunk
+    cset = utils.CandidateSet.from_tsv(os.path.join(tiny_world.data, "valid/valid.tsv"), vocab)
+    with torch.no_grad():
+        v = model.eval().encode_images(next(cset.product_batches(8)))
+    assert torch.allclose(v.norm(dim=1), torch.ones(len(v)), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_keeps_replicas_identical(pretrained, tiny_world, tmp_path):
+    export = os.path.join(pretrained, "encoder.pt")
+    """Under torchrun the in-batch pool is both ranks' rows; DDP keeps the replicas equal."""
+    out = str(tmp_path / "run")
+    _torchrun("model3/train.py", _common(tiny_world, out) + ["--export", export], tmp_path)
+    log = _log(out)
+    assert len(log) == 2 and all(r["rank_param_maxdiff"] == 0.0 for r in log)
