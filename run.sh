@@ -12,6 +12,8 @@
 #             default raw with PRESET=paper (the published blend), best otherwise
 #   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS  extra flags of one stage's train.py
 #             (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
+#   RESUME    1: skip every stage that finished before in OUT_DIR with the same command
+#             (OUT_DIR/.stages/NAME records it); delete that file to redo one stage
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA_DIR=${DATA_DIR:-data/small}
@@ -28,13 +30,22 @@ if [ "$PRESET" = paper ]; then ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; else ENSEMBLE_
 PRED="$OUT_DIR/prediction_result"
 mkdir -p "$OUT_DIR" "$PRED"
 TIMES="$OUT_DIR/stage_times.tsv"
+DONE="$OUT_DIR/.stages"  # per finished stage: its wall time, then its command
+mkdir -p "$DONE"
 : > "$TIMES"
 
 run() { echo "+ $*"; "$@"; }
-stage() {  # stage NAME command...: run and record the wall time
+stage() {  # stage NAME command...: run and record the wall time and the command
   local name=$1 t0=$SECONDS; shift
+  if [ "${RESUME:-0}" = 1 ] && [ -f "$DONE/$name" ] && [ "$(tail -n +2 "$DONE/$name")" = "$*" ]; then
+    echo "= $name: finished before with this command, skipped (RESUME=1)"
+    printf '%s\t%s\n' "$name" "$(head -n 1 "$DONE/$name")" >> "$TIMES"
+    return
+  fi
+  rm -f "$DONE/$name"
   run "$@"
   printf '%s\t%d\n' "$name" $((SECONDS - t0)) >> "$TIMES"
+  printf '%d\n%s\n' $((SECONDS - t0)) "$*" > "$DONE/$name.tmp" && mv "$DONE/$name.tmp" "$DONE/$name"
 }
 if [ "$NPROC" -gt 1 ]; then
   TRAIN=(torchrun --standalone --nproc_per_node="$NPROC")

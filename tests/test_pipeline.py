@@ -45,6 +45,27 @@ def test_run_sh_end_to_end(tiny_world, tmp_path, store):
     assert np.isclose(np.linspace(0, 1, ens["grid"]), ens["t"], rtol=0, atol=1e-12).any()
     model1, model2, blend = ens["table"]["valid"]  # t tuned on valid: never below either end
     assert blend >= max(model1, model2) - 1e-12
+    if store == "packed":
+        _resume_skips_finished_stages(env, out, stages)
+
+
+def _resume_skips_finished_stages(env, out, stages):
+    """RESUME=1 skips each stage that finished with the same command; a stage whose record
+    is deleted runs again, alone."""
+    sub = os.path.join(out, "prediction_result", "submission.csv")
+    before = open(sub).read()
+    os.remove(os.path.join(out, ".stages", "ensemble"))
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh")], env=dict(env, RESUME="1"),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    ran = [line for line in r.stdout.splitlines() if line.startswith("+ ")]
+    skipped = [line.split(":")[0][2:] for line in r.stdout.splitlines()
+               if line.startswith("= ")]
+    assert skipped == stages[:-1] and len(ran) == 2, r.stdout  # the notebook, the summary
+    assert "ensemble.ipynb" in ran[0] and "summary.py" in ran[1]
+    assert open(sub).read() == before
+    with open(os.path.join(out, "stage_times.tsv")) as f:
+        assert [line.split("\t")[0] for line in f] == stages
 
 
 def test_run_sh_rejects_an_unknown_store(tmp_path):
