@@ -1,0 +1,281 @@
+"""Full-gallery retrieval with model3: every query against every product of the data root.
+
+    python model3/retrieve.py --ckpt runs/model3/best.pt --split valid --split testB \
+        --k 100 --out runs/retrieval [--data DATA] [--index exact|faiss|hnsw]
+
+The gallery is every product of train (read from the checkpoint's product store) and of
+the candidate splits (streamed from their TSV), each encoded once, in batches, keeping only
+its vector. Each query's K best products by dot product: exact by default (chunked matmul
+with a running top K, ties by product id), or through faiss (``faiss``: IndexFlatIP, exact;
+``hnsw``: IndexHNSWFlat, approximate). Writes OUT/valid_gallery_model3.json and
+OUT/test_gallery_model3.json (testB), {"<query_id>": [["<product_id>", score], ...]}, K
+entries best first; prints Recall@10, Recall@100 and NDCG@5 where the split has
+``<split>_gallery_answer.json`` (generated worlds). docs/retrieval.md.
+"""
+import argparse
+import functools
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import engine  # noqa: E402
+import matching  # noqa: E402
+import metric  # noqa: E402
+import runtime  # noqa: E402
+import tsv  # noqa: E402
+import utils  # noqa: E402
+from model3.model import build_model  # noqa: E402
+
+CANDIDATE_SPLITS = ("valid", "testA", "testB")
+RECALL_AT = (10, 100)
+LOW32 = (1 << 32) - 1
+
+
+# --------------------------------------------------------------------------------------
+# Exact top K
+# --------------------------------------------------------------------------------------
+def order_keys(scores, first):
+    """scores (Q, C) of gallery rows first..first+C-1 -> int64 keys (Q, C), one per pair,
+    all distinct, ordered as (score descending, row ascending): the largest keys are the
+    best rows, ties going to the lower row. The float bits are made to order as integers
+    (negative floats flip their magnitude bits) and the row fills the low 32 bits."""
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32).long()  # + 0.0: no -0.0
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    rows = torch.arange(first, first + scores.shape[1], dtype=torch.int64, device=scores.device)
+    return (bits << 32) | (LOW32 - rows)
+
+
+@torch.no_grad()
+def exact_search(queries, gallery, k, chunk=16384):
+    """queries (Q, D), gallery (P, D) -> (scores (Q, k), rows (Q, k)): each query's k
+    largest dot products, best first, ties by the lower gallery row; the gallery is scored
+    ``chunk`` rows at a time (moved to the queries' device) against a running top k, so
+    memory is Q x (k + chunk)."""
+    check_k(k, len(gallery))
+    keys = torch.empty(len(queries), 0, dtype=torch.int64, device=queries.device)
+    scores = torch.empty(len(queries), 0, device=queries.device)
+    for s in range(0, len(gallery), chunk):
+        sims = (queries @ gallery[s:s + chunk].to(queries.device).t()).float()
+        keys = torch.cat([keys, order_keys(sims, s)], 1)
+        scores = torch.cat([scores, sims], 1)
+        top = keys.topk(min(k, keys.shape[1]), dim=1).indices
+        keys, scores = keys.gather(1, top), scores.gather(1, top)
+    return scores, LOW32 - (keys & LOW32)
+
+
+def faiss_search(queries, gallery, k, hnsw=False):
+    """The same through faiss: IndexFlatIP (exact; ties in faiss's order) or, with ``hnsw``,
+    IndexHNSWFlat (32 links per node, approximate; a row it cannot fill is -1)."""
+    try:
+        import faiss
+    except ImportError:
+        raise utils.DataError("--index faiss/hnsw needs faiss: pip install faiss-cpu") from None
+    check_k(k, len(gallery))
+    g = np.ascontiguousarray(gallery.cpu().numpy(), np.float32)
+    index = (faiss.IndexHNSWFlat(g.shape[1], 32, faiss.METRIC_INNER_PRODUCT) if hnsw
+             else faiss.IndexFlatIP(g.shape[1]))
+    index.add(g)
+    scores, rows = index.search(np.ascontiguousarray(queries.cpu().numpy(), np.float32), k)
+    return torch.from_numpy(scores), torch.from_numpy(rows)
+
+
+def check_k(k, n):
+    """K must fit the gallery: a shorter list would pass for a full one."""
+    if not 1 <= k <= n:
+        raise utils.DataError("--k %d: must be between 1 and the gallery's %d products" % (k, n))
+
+
+# --------------------------------------------------------------------------------------
+# The gallery and the queries
+# --------------------------------------------------------------------------------------
+def split_rows(path, max_boxes=None):
+    """Yield (pid, boxes (n, 5), feats (n, D)) of every row of a candidate TSV, one at a
+    time (a split's regions never sit in memory together); a bad row is a DataError."""
+    for line, (_, text) in enumerate(tsv.iter_lines(path), start=2):
+        try:
+            if text is None:
+                raise ValueError("truncated last line")
+            if isinstance(text, Exception):
+                raise text
+            row = tsv.parse_row(text)
+        except ValueError as e:
+            raise utils.DataError("%s:%d: %s" % (path, line, e)) from None
+        boxes, feats, _ = utils.row_regions(row, max_boxes)
+        yield row["product_id"], boxes, feats
+
+
+def store_rows(store, pids):
+    """Yield (pid, boxes, feats) of ``pids`` from a product store."""
+    for pid in pids:
+        boxes, feats, _ = store.get(pid)
+        yield int(pid), boxes, feats
+
+
+def gallery_rows(sources):
+    """Chain the sources, each product once (the first time it comes)."""
+    seen = set()
+    for rows in sources:
+        for pid, boxes, feats in rows:
+            if pid not in seen:
+                seen.add(pid)
+                yield pid, boxes, feats
+
+
+@torch.no_grad()
+def encode_gallery(model, rows, batch_size=256, sort_window=16):
+    """(pid, boxes, feats) rows -> (pids (P,) ascending, vectors (P, D) on the CPU).
+
+    ``batch_size * sort_window`` rows are read at a time and batched fewest boxes first,
+    so a batch pads little; only the vectors are kept.
+    """
+    pids, vecs, window = [], [], []
+
+    def flush():
+        window.sort(key=lambda r: len(r[1]))
+        for s in range(0, len(window), batch_size):
+            part = window[s:s + batch_size]
+            boxes, feats, mask = utils.pad_regions([(b, f) for _, b, f in part])
+            vecs.append(model.encode_images(dict(boxes=boxes, feats=feats, mask=mask))
+                        .float().cpu())
+            pids.extend(p for p, _, _ in part)
+        window.clear()
+
+    for row in rows:
+        window.append(row)
+        if len(window) == batch_size * sort_window:
+            flush()
+    flush()
+    if not pids:
+        raise utils.DataError("the gallery is empty")
+    order = np.argsort(np.asarray(pids, np.int64), kind="stable")
+    return np.asarray(pids, np.int64)[order], torch.cat(vecs)[torch.from_numpy(order)]
+
+
+@torch.no_grad()
+def encode_texts(model, vocab, texts, batch_size=1024):
+    """Query texts -> (Q, D) unit vectors on the CPU."""
+    tokens = [vocab.encode(utils.tokenize(t)) for t in texts]
+    out = [model.encode_queries(utils.pad_tokens(tokens[s:s + batch_size])[0]).float().cpu()
+           for s in range(0, len(tokens), batch_size)]
+    return torch.cat(out)
+
+
+def rankings(qids, pids, scores, rows):
+    """-> {qid: [(pid, score), ...]} best first; a faiss row of -1 (unfilled) is dropped."""
+    out = {}
+    for q, s, r in zip(qids, scores.tolist(), rows.tolist()):
+        out[int(q)] = [(int(pids[j]), v) for v, j in zip(s, r) if j >= 0]
+    return out
+
+
+def gallery_metrics(preds, answers, k):
+    """Recall@10, Recall@100 (those within K) and NDCG@5 of full-gallery rankings."""
+    out = {"recall@%d" % n: metric.recall_at_k(preds, answers, n) for n in RECALL_AT if n <= k}
+    out["ndcg@5"] = metric.ndcg_at_k(preds, answers)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="best.pt or last.pt of model3/train.py")
+    p.add_argument("--data", help="data root (default: the checkpoint's)")
+    p.add_argument("--split", action="append", choices=CANDIDATE_SPLITS,
+                   help="queries to retrieve for (repeatable; default valid and testB)")
+    p.add_argument("--gallery", action="append", choices=("train",) + CANDIDATE_SPLITS,
+                   help="splits whose products form the gallery (repeatable; default train "
+                        "and every candidate split the data root has)")
+    p.add_argument("--k", type=engine.positive_int, default=100, help="products per query")
+    p.add_argument("--out", default="retrieval", help="output folder")
+    p.add_argument("--index", default="exact", choices=["exact", "faiss", "hnsw"],
+                   help="exact: chunked matmul; faiss: IndexFlatIP; hnsw: IndexHNSWFlat")
+    p.add_argument("--store", choices=["npz", "packed"],
+                   help="where the train products are read (default: the checkpoint's)")
+    p.add_argument("--features", help="per-product .npz folder (default: the checkpoint's)")
+    p.add_argument("--packed", help="packed store folder (default: the checkpoint's)")
+    p.add_argument("--info", help="info/ folder, for the train products (default: the "
+                                  "checkpoint's)")
+    p.add_argument("--export", help="encoder export (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=engine.positive_int, default=256,
+                   help="products encoded at once")
+    return p.parse_args(argv)
+
+
+def product_sources(a, ck_args, splits):
+    """The row sources of the gallery splits: train from the store the options name (each
+    defaults to the checkpoint's), the candidate splits from their TSV."""
+    data = a.data or ck_args["data"]
+    store = argparse.Namespace(store=a.store or ck_args["store"],
+                               features=a.features or ck_args["features"],
+                               packed=a.packed or ck_args.get("packed"),
+                               max_boxes=ck_args.get("max_boxes"))
+    sources = []
+    for split in splits:
+        if split == "train":
+            queries, _ = utils.load_info(a.info or ck_args["info"])
+            pids = np.unique(utils.ragged_parts(queries["products"])[0])
+            sources.append(store_rows(engine.build_store(store), pids))
+        else:
+            sources.append(split_rows(engine.split_paths(data, split)[0], store.max_boxes))
+    return sources
+
+
+def retrieve(model, vocab, *, data, splits, sources, k, index="exact", batch_size=256):
+    """Encode the gallery once, then each split's queries -> ({split: rankings},
+    {split: metrics}, number of products); metrics only where the gallery answers exist."""
+    t, device = time.time(), next(model.parameters()).device
+    pids, gallery = encode_gallery(model, gallery_rows(sources), batch_size)
+    utils.log.info("gallery: %d products encoded in %.0f s", len(pids), time.time() - t)
+    results, metrics = {}, {}
+    for split in splits:
+        path, _ = engine.split_paths(data, split)
+        cands = tsv.read_candidates(path, with_arrays=False)
+        qids = sorted(cands)
+        queries = encode_texts(model, vocab, [cands[q]["query"] for q in qids]).to(device)
+        if index == "exact":
+            scores, rows = exact_search(queries, gallery, k)
+        else:
+            scores, rows = faiss_search(queries, gallery, k, hnsw=index == "hnsw")
+        results[split] = rankings(qids, pids, scores, rows)
+        answers = os.path.join(data, split, split + "_gallery_answer.json")
+        if os.path.exists(answers):
+            metrics[split] = gallery_metrics(results[split], metric.load_answers(answers), k)
+    return results, metrics, len(pids)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    runtime.setup_logging()
+    model, vocab, ck = matching.load_trained(build_model, a.ckpt, a.export)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    data = a.data or ck["args"]["data"]
+    splits = a.split or ["valid", "testB"]
+    gallery = a.gallery or ["train"] + [s for s in CANDIDATE_SPLITS
+                                        if os.path.exists(engine.split_paths(data, s)[0])]
+    results, metrics, n = retrieve(
+        model, vocab, data=data, splits=splits, k=a.k, index=a.index,
+        sources=product_sources(a, ck["args"], gallery), batch_size=a.batch_size)
+    writers, lines = {}, []
+    for split, preds in results.items():
+        fname = "%s_gallery_model3.json" % {"testB": "test"}.get(split, split)
+        writers[fname] = functools.partial(metric.write_predictions, preds)
+        line = "%s: wrote %s (%d queries, top %d of %d products)" % (
+            split, os.path.join(a.out, fname), len(preds), a.k, n)
+        line += "".join("  %s %.4f" % kv for kv in metrics.get(split, {}).items())
+        lines.append(line)
+    utils.write_together(a.out, writers)
+    print("\n".join(lines))
+    return metrics
+
+
+if __name__ == "__main__":
+    runtime.cli(main)
