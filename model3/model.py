@@ -164,10 +164,12 @@ def infonce_loss(text, image, qi, scale, *, neg_text, neg_image):
     same = qi[:, None] == all_qi[None, :]
     same[torch.arange(len(qi)), target] = False
     same = F.pad(same, (0, 1), value=False)               # the sampled negative's column
-    t2i = torch.cat([text @ all_image.t(), (text * neg_image).sum(1, keepdim=True)], 1)
-    i2t = torch.cat([image @ all_text.t(), (image * neg_text).sum(1, keepdim=True)], 1)
-    return sum(F.cross_entropy((scale * s).masked_fill(same, float("-inf")), target)
-               for s in (t2i, i2t)) / 2
+    # in float32 under autocast too: scaled bf16 logits lose what tells near candidates apart
+    with torch.autocast(text.device.type, enabled=False):
+        t2i = torch.cat([text @ all_image.t(), (text * neg_image).sum(1, keepdim=True)], 1)
+        i2t = torch.cat([image @ all_text.t(), (image * neg_text).sum(1, keepdim=True)], 1)
+        return sum(F.cross_entropy((scale * s).masked_fill(same, float("-inf")), target)
+                   for s in (t2i, i2t)) / 2
 
 
 def build_model(encoder, word_emb, args):

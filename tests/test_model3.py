@@ -76,6 +76,9 @@ def test_loss_masks_pairs_of_the_same_query():
                    [keep[i].index(i)] for i in range(3)) / 3
     want = (side(text, image, neg_image) + side(image, text, neg_text)) / 2
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the logits stay float32
+        assert m3_model.infonce_loss(text, image, qi, scale, neg_text=neg_text,
+                                     neg_image=neg_image).item() == pytest.approx(loss.item())
     # as two queries, rows 0 and 1 are each other's negatives: more terms in the softmax
     assert loss < m3_model.infonce_loss(text, image, torch.tensor([7, 8, 2]), scale,
                                         neg_text=neg_text, neg_image=neg_image)
