@@ -542,24 +542,41 @@ class CandidateSet:
 
     def __init__(self, candidates, vocab, max_boxes=None):
         check_max_boxes(max_boxes)
-        self.qids = np.array(sorted(candidates), np.int64)
-        self.texts = [candidates[q]["query"] for q in self.qids]
+        qids = sorted(candidates)
+        rows = [candidates[q]["products"] for q in qids]
+        self._fill(qids, [candidates[q]["query"] for q in qids], vocab,
+                   [[r["product_id"] for r in rs] for rs in rows],
+                   [row_regions(r, max_boxes) for rs in rows for r in rs])
+
+    def _fill(self, qids, texts, vocab, pids, regions):
+        """qids ascending, their texts, their product ids (a list per query), the regions
+        (boxes, feats, labels) of every product of every query one after the other."""
+        self.qids = np.array(qids, np.int64)
+        self.texts = texts
         self.tokens = [vocab.encode(tokenize(t)) for t in self.texts]
-        rows = [candidates[q]["products"] for q in self.qids]
-        self.offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
-        self.pos = np.repeat(np.arange(len(rows)), np.diff(self.offsets))
-        flat = [r for rs in rows for r in rs]
-        self.pids = np.array([r["product_id"] for r in flat], np.int64)
-        regions = [row_regions(r, max_boxes) for r in flat]
+        self.offsets = np.concatenate([[0], np.cumsum([len(r) for r in pids])]).astype(np.int64)
+        self.pos = np.repeat(np.arange(len(pids)), np.diff(self.offsets))
+        self.pids = np.array([p for ps in pids for p in ps], np.int64)
         self.box_off = np.concatenate([[0], np.cumsum([len(b) for b, _, _ in regions])])
-        self.boxes = (np.concatenate([b for b, _, _ in regions]) if flat
+        self.boxes = (np.concatenate([b for b, _, _ in regions]) if regions
                       else np.zeros((0, 5), np.float32))
-        self.feats = (np.concatenate([f for _, f, _ in regions]) if flat
+        self.feats = (np.concatenate([f for _, f, _ in regions]) if regions
                       else np.zeros((0, FEAT_DIM), np.float32))
 
     @classmethod
     def from_tsv(cls, path, vocab, max_boxes=None, skip_bad=False):
         return cls(read_candidates(path, skip_bad), vocab, max_boxes)
+
+    @classmethod
+    def from_products(cls, queries, vocab, get):
+        """{qid: (query text, [pid, ...])} and ``get(pid)`` -> (boxes, feats, labels) as
+        ``ProductStore.get`` returns them: any products for any queries, read from wherever
+        ``get`` reads them (no candidate TSV); a query's products keep their order."""
+        self = cls.__new__(cls)
+        qids = sorted(queries)
+        self._fill(qids, [queries[q][0] for q in qids], vocab, [queries[q][1] for q in qids],
+                   [get(p) for q in qids for p in queries[q][1]])
+        return self
 
     def products(self):
         """{qid: [pid, ...]}, the candidates of each query (for ``load_answers``)."""

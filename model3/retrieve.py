@@ -1,7 +1,8 @@
 """Full-gallery retrieval with model3: every query against every product of the data root.
 
     python model3/retrieve.py --ckpt runs/model3/best.pt --split valid --split testB \
-        --k 100 --out runs/retrieval [--data DATA] [--index exact|faiss|hnsw]
+        --k 100 --out runs/retrieval [--data DATA] [--index exact|faiss|hnsw] \
+        [--rerank runs/prediction_result/ensemble.json [--member NAME=CKPT ...]]
 
 The gallery is every product of train (read from the checkpoint's product store) and of
 the candidate splits (streamed from their TSV), each encoded once, in batches, keeping only
@@ -10,7 +11,10 @@ with a running top K, ties by product id), or through faiss (``faiss``: IndexFla
 ``hnsw``: IndexHNSWFlat, approximate). Writes OUT/valid_gallery_model3.json and
 OUT/test_gallery_model3.json (testB), {"<query_id>": [["<product_id>", score], ...]}, K
 entries best first; prints Recall@10, Recall@100 and NDCG@5 where the split has
-``<split>_gallery_answer.json`` (generated worlds). docs/retrieval.md.
+``<split>_gallery_answer.json`` (generated worlds). With ``--rerank ENSEMBLE_JSON``, each
+query's K are then re-ranked by the blend ensemble.py recorded (``model3/rerank.py``) and
+written to OUT/{valid,test}_gallery_rerank.json, the metrics printed beside retrieval's.
+docs/retrieval.md.
 """
 import argparse
 import functools
@@ -31,6 +35,7 @@ import metric  # noqa: E402
 import runtime  # noqa: E402
 import tsv  # noqa: E402
 import utils  # noqa: E402
+from model3 import rerank  # noqa: E402
 from model3.model import build_model  # noqa: E402
 
 CANDIDATE_SPLITS = ("valid", "testA", "testB")
@@ -95,10 +100,11 @@ def check_k(k, n):
 # --------------------------------------------------------------------------------------
 # The gallery and the queries
 # --------------------------------------------------------------------------------------
-def split_rows(path, max_boxes=None):
+def split_rows(path, max_boxes=None, lines=None):
     """Yield (pid, boxes (n, 5), feats (n, D)) of every row of a candidate TSV, one at a
-    time (a split's regions never sit in memory together); a bad row is a DataError."""
-    for line, (_, text) in enumerate(tsv.iter_lines(path), start=2):
+    time (a split's regions never sit in memory together); a bad row is a DataError.
+    ``lines``, a dict, gets {pid: (path, byte offset)} of the rows, to read them again."""
+    for line, (offset, text) in enumerate(tsv.iter_lines(path), start=2):
         try:
             if text is None:
                 raise ValueError("truncated last line")
@@ -108,6 +114,8 @@ def split_rows(path, max_boxes=None):
         except ValueError as e:
             raise utils.DataError("%s:%d: %s" % (path, line, e)) from None
         boxes, feats, _ = utils.row_regions(row, max_boxes)
+        if lines is not None:
+            lines.setdefault(row["product_id"], (path, offset))
         yield row["product_id"], boxes, feats
 
 
@@ -207,73 +215,125 @@ def parse_args(argv=None):
     p.add_argument("--export", help="encoder export (default: the checkpoint's)")
     p.add_argument("--batch-size", type=engine.positive_int, default=256,
                    help="products encoded at once")
+    r = p.add_argument_group("re-ranking")
+    r.add_argument("--rerank", metavar="ENSEMBLE_JSON",
+                   help="re-rank each query's K products with the blend ensemble.py recorded "
+                        "there (members, normalisation, weights); writes "
+                        "{valid,test}_gallery_rerank.json too. A member's checkpoint is "
+                        "RUN/<member>/best.pt, RUN the parent of the folder holding "
+                        "ENSEMBLE_JSON, unless --member names it")
+    r.add_argument("--member", action="append", default=[], metavar="MEMBER=PATH",
+                   help="a member's checkpoint, e.g. model1=runs/model1/last.pt (repeatable)")
+    r.add_argument("--rerank-chunk", type=engine.positive_int, default=32,
+                   help="queries re-ranked at once (their K products' regions in memory)")
     return p.parse_args(argv)
 
 
-def product_sources(a, ck_args, splits):
+def store_options(a, ck_args, max_boxes):
+    """The train product store the options name, each defaulting to the checkpoint's."""
+    return argparse.Namespace(store=a.store or ck_args["store"],
+                              features=a.features or ck_args["features"],
+                              packed=a.packed or ck_args.get("packed"), max_boxes=max_boxes)
+
+
+def product_sources(a, ck_args, splits, lines=None):
     """The row sources of the gallery splits: train from the store the options name (each
-    defaults to the checkpoint's), the candidate splits from their TSV."""
-    data = a.data or ck_args["data"]
-    store = argparse.Namespace(store=a.store or ck_args["store"],
-                               features=a.features or ck_args["features"],
-                               packed=a.packed or ck_args.get("packed"),
-                               max_boxes=ck_args.get("max_boxes"))
+    defaults to the checkpoint's), the candidate splits from their TSV (``lines`` gets where
+    each of their rows lies, see ``split_rows``)."""
+    data, max_boxes = a.data or ck_args["data"], ck_args.get("max_boxes")
     sources = []
     for split in splits:
         if split == "train":
             queries, _ = utils.load_info(a.info or ck_args["info"])
             pids = np.unique(utils.ragged_parts(queries["products"])[0])
-            sources.append(store_rows(engine.build_store(store), pids))
+            sources.append(store_rows(engine.build_store(store_options(a, ck_args, max_boxes)),
+                                      pids))
         else:
-            sources.append(split_rows(engine.split_paths(data, split)[0], store.max_boxes))
+            sources.append(split_rows(engine.split_paths(data, split)[0], max_boxes, lines))
     return sources
 
 
 def retrieve(model, vocab, *, data, splits, sources, k, index="exact", batch_size=256):
     """Encode the gallery once, then each split's queries -> ({split: rankings},
-    {split: metrics}, number of products); metrics only where the gallery answers exist."""
+    {split: {qid: query text}}, number of products)."""
     t, device = time.time(), next(model.parameters()).device
     pids, gallery = encode_gallery(model, gallery_rows(sources), batch_size)
     utils.log.info("gallery: %d products encoded in %.0f s", len(pids), time.time() - t)
-    results, metrics = {}, {}
+    results, texts = {}, {}
     for split in splits:
         path, _ = engine.split_paths(data, split)
         cands = tsv.read_candidates(path, with_arrays=False)
         qids = sorted(cands)
+        texts[split] = {q: cands[q]["query"] for q in qids}
         queries = encode_texts(model, vocab, [cands[q]["query"] for q in qids]).to(device)
         if index == "exact":
             scores, rows = exact_search(queries, gallery, k)
         else:
             scores, rows = faiss_search(queries, gallery, k, hnsw=index == "hnsw")
         results[split] = rankings(qids, pids, scores, rows)
-        answers = os.path.join(data, split, split + "_gallery_answer.json")
-        if os.path.exists(answers):
-            metrics[split] = gallery_metrics(results[split], metric.load_answers(answers), k)
-    return results, metrics, len(pids)
+    return results, texts, len(pids)
+
+
+def split_metrics(data, split, preds, k):
+    """``gallery_metrics`` where the split has ``<split>_gallery_answer.json``, else {}."""
+    answers = os.path.join(data, split, split + "_gallery_answer.json")
+    if not os.path.exists(answers):
+        return {}
+    return gallery_metrics(preds, metric.load_answers(answers), k)
+
+
+def rerank_splits(a, ck_args, blend, *, gallery, lines, results, texts):
+    """--rerank: every split's retrieved K re-ranked by the blend (``rerank.load_blend``)
+    -> {split: rankings}; the products are read again from where the gallery read them."""
+    store = (engine.build_store(store_options(a, ck_args, blend["max_boxes"]))
+             if "train" in gallery else None)
+    get = rerank.GalleryProducts(store, lines, blend["max_boxes"]).get
+    out = {}
+    for split, retrieved in results.items():
+        t = time.time()
+        out[split] = rerank.rerank(retrieved, texts[split], scorers=blend["scorers"],
+                                   weights=blend["weights"], how=blend["how"],
+                                   vocab=blend["vocab"], get=get, chunk=a.rerank_chunk)
+        utils.log.info("%s: %d queries re-ranked in %.0f s", split, len(retrieved),
+                       time.time() - t)
+    return out
 
 
 def main(argv=None):
     a = parse_args(argv)
     runtime.setup_logging()
     model, vocab, ck = matching.load_trained(build_model, a.ckpt, a.export)
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    # the blend's members load before the gallery is encoded: a bad one fails at once
+    blend = rerank.load_blend(a.rerank, device, a.member) if a.rerank else None
     data = a.data or ck["args"]["data"]
     splits = a.split or ["valid", "testB"]
     gallery = a.gallery or ["train"] + [s for s in CANDIDATE_SPLITS
                                         if os.path.exists(engine.split_paths(data, s)[0])]
-    results, metrics, n = retrieve(
+    lines = {}
+    results, texts, n = retrieve(
         model, vocab, data=data, splits=splits, k=a.k, index=a.index,
-        sources=product_sources(a, ck["args"], gallery), batch_size=a.batch_size)
-    writers, lines = {}, []
-    for split, preds in results.items():
-        fname = "%s_gallery_model3.json" % {"testB": "test"}.get(split, split)
-        writers[fname] = functools.partial(metric.write_predictions, preds)
-        line = "%s: wrote %s (%d queries, top %d of %d products)" % (
-            split, os.path.join(a.out, fname), len(preds), a.k, n)
-        line += "".join("  %s %.4f" % kv for kv in metrics.get(split, {}).items())
-        lines.append(line)
+        sources=product_sources(a, ck["args"], gallery, lines), batch_size=a.batch_size)
+    # output name -> (rankings, what the printed line says, prefix of its metrics)
+    outputs = {"model3": (results, "top %d of %d products" % (a.k, n), "")}
+    if blend:
+        outputs["rerank"] = (rerank_splits(a, ck["args"], blend, gallery=gallery, lines=lines,
+                                           results=results, texts=texts),
+                             "re-ranked by " + rerank.describe(blend), "rerank_")
+    writers, printed, metrics = {}, [], {}
+    for split in splits:
+        for name, (preds, what, prefix) in outputs.items():
+            fname = "%s_gallery_%s.json" % ({"testB": "test"}.get(split, split), name)
+            writers[fname] = functools.partial(metric.write_predictions, preds[split])
+            m = split_metrics(data, split, preds[split], a.k)
+            if m:
+                metrics.setdefault(split, {}).update({prefix + k: v for k, v in m.items()})
+            printed.append("%s: wrote %s (%d queries, %s)%s" % (
+                split, os.path.join(a.out, fname), len(preds[split]), what,
+                "".join("  %s %.4f" % kv for kv in m.items())))
     utils.write_together(a.out, writers)
-    print("\n".join(lines))
+    print("\n".join(printed))
     return metrics
 
 

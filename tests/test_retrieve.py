@@ -1,6 +1,9 @@
 """model3/retrieve.py: the exact chunked top K against a full sort (ties, chunk edges), K
 beyond the gallery, faiss against the exact search, the command's files on the tiny world
-with a stand-in model; slow: model3 trained on the tiny world, retrieved end to end."""
+with a stand-in model; re-ranking (model3/rerank.py) with stand-in members: one member
+weighted 1 sorts the K by its own pair scores, a blend computed by hand, the products read
+again from the store and the TSVs, the blend's file and checkpoints; slow: model3 trained on
+the tiny world, retrieved end to end, and re-ranked with model1 and the pretraining score."""
 import argparse
 import json
 import os
@@ -13,7 +16,9 @@ import torch.nn.functional as F
 import metric
 import tsv
 import utils
-from model3 import retrieve, train as m3_train
+from ensemble import HOWS
+from model1 import train as m1_train
+from model3 import rerank, retrieve, train as m3_train
 from test_stages import _common, pretrained  # noqa: F401 (a fixture)
 from tsv import DataError
 
@@ -169,6 +174,163 @@ def test_the_gallery_is_read_in_batches_and_sorted_by_product(tiny_world, monkey
 
 
 # ---------------------------------------------------------------------------------------
+# re-ranking with stand-in members
+# ---------------------------------------------------------------------------------------
+VOCAB = utils.Vocab(utils.SPECIALS + ["red", "shoe"])
+
+
+def _one_box(pid):
+    """A stand-in product getter: one box, its only feature the product id."""
+    return np.zeros((1, 5), np.float32), np.full((1, 1), pid, np.float32), np.zeros(1)
+
+
+def _pair_scorer(fn):
+    """A stand-in member: fn(qid, pid) for every pair of a CandidateSet."""
+    def score(cset):
+        return cset.predictions([fn(int(cset.qids[k]), int(p))
+                                 for k, p in zip(cset.pos, cset.pids)])
+    return score
+
+
+def _first_feature(cset):
+    """A stand-in member that reads the regions: the mean first feature of the product."""
+    return cset.predictions([cset.feats[a:b, 0].mean()
+                             for a, b in zip(cset.box_off[:-1], cset.box_off[1:])])
+
+
+def _retrieved(seed=0, n_queries=7, k=12):
+    rng = np.random.default_rng(seed)
+    return {int(q): [(int(p), 0.0) for p in rng.choice(60, k, replace=False)]
+            for q in rng.choice(1000, n_queries, replace=False)}
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_one_member_weighted_1_sorts_the_k_by_its_own_pair_scores(how, chunk):
+    own = lambda q, p: float((3 * p + q) % 5)           # noqa: E731 (many ties)
+    other = lambda q, p: float((p * p + 7 * q) % 11)    # noqa: E731
+    retrieved = _retrieved()
+    texts = {q: "red shoe" for q in retrieved}
+    out = rerank.rerank(retrieved, texts, scorers=[_pair_scorer(own), _pair_scorer(other)],
+                        weights=[1.0, 0.0], how=how, vocab=VOCAB, get=_one_box, chunk=chunk)
+    assert sorted(out) == sorted(retrieved)
+    for q, items in out.items():
+        want = sorted((p for p, _ in retrieved[q]), key=lambda p: (-own(q, p), p))
+        assert [p for p, _ in items] == want
+        if how == "raw":
+            assert [s for _, s in items] == [own(q, p) for p in want]
+
+
+@pytest.mark.parametrize("how,weights,want", [
+    ("raw", [0.5, 0.5], [(10, 2.5), (30, 2.0), (20, 1.5)]),
+    # ranks in [0, 1]: first 10 -> 0, 30 -> 0.5, 20 -> 1; second 10 -> 1, 30 -> 0.5, 20 -> 0
+    ("rank", [0.25, 0.75], [(10, 0.75), (30, 0.5), (20, 0.25)])])
+def test_a_blend_of_two_members_by_hand(how, weights, want):
+    first, second = {10: 1.0, 20: 3.0, 30: 2.0}, {10: 4.0, 20: 0.0, 30: 2.0}
+    out = rerank.rerank({1: [(10, 0.0), (20, 0.0), (30, 0.0)]}, {1: "shoe"},
+                        scorers=[_pair_scorer(lambda q, p: first[p]),
+                                 _pair_scorer(lambda q, p: second[p])],
+                        weights=weights, how=how, vocab=VOCAB, get=_one_box)
+    assert out == {1: want}
+
+
+def test_a_chunk_reads_each_product_once_and_keeps_the_order():
+    calls = []
+    cset = rerank.chunk_set({4: ("red", [7, 3, 9]), 2: ("shoe", [9, 1])}, VOCAB,
+                            lambda p: calls.append(p) or _one_box(p))
+    assert sorted(calls) == [1, 3, 7, 9]
+    assert cset.qids.tolist() == [2, 4] and cset.tokens == [[5], [4]]
+    assert cset.products() == {2: [9, 1], 4: [7, 3, 9]}
+    assert cset.feats[:, 0].tolist() == [9, 1, 7, 3, 9] and cset.pos.tolist() == [0, 0, 1, 1, 1]
+
+
+def test_candidate_set_from_products_equals_from_tsv(tiny_world):
+    _, vocab = utils.load_info(tiny_world.info)
+    path = os.path.join(tiny_world.data, "valid", "valid.tsv")
+    lines = {}
+    for _ in retrieve.split_rows(path, 3, lines):
+        pass
+    want = utils.CandidateSet.from_tsv(path, vocab, 3)
+    queries = {q: (t, want.pids[a:b].tolist()) for q, t, a, b in
+               zip(want.qids.tolist(), want.texts, want.offsets[:-1], want.offsets[1:])}
+    got = utils.CandidateSet.from_products(queries, vocab,
+                                           rerank.GalleryProducts(None, lines, 3).get)
+    for name in ("qids", "offsets", "pos", "pids", "box_off", "boxes", "feats"):
+        assert np.array_equal(getattr(got, name), getattr(want, name)), name
+    assert got.texts == want.texts and got.tokens == want.tokens
+
+
+def test_gallery_products_read_train_from_the_store(tiny_world):
+    store = utils.ProductStore(tiny_world.features, max_boxes=2)
+    queries, _ = utils.load_info(tiny_world.info)
+    pid = int(utils.ragged_parts(queries["products"])[0][0])
+    got = rerank.GalleryProducts(store, {}, 2).get(pid)
+    assert all(np.array_equal(g, w) for g, w in zip(got, store.get(pid)))
+
+
+def _write_blend(folder, models, weights, how="rank"):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "ensemble.json")
+    with open(path, "w") as f:
+        json.dump({"how": how, "models": models, "weights": dict(zip(models, weights))}, f)
+    return path
+
+
+def test_the_blend_and_its_checkpoints(tmp_path):
+    path = _write_blend(str(tmp_path / "run" / "prediction_result"),
+                        ["model2", "multilabel", "model1"], [0.5, 0.2, 0.3], "zscore")
+    assert rerank.read_blend(path) == (["model2", "multilabel", "model1"], [0.5, 0.2, 0.3],
+                                       "zscore")
+    run = str(tmp_path / "run")
+    assert rerank.member_checkpoints(path, ["model1", "model2"], ["model2=x/last.pt"]) == {
+        "model1": os.path.join(run, "model1", "best.pt"), "model2": "x/last.pt"}
+    with pytest.raises(DataError, match="--member model3=a: want MEMBER=PATH"):
+        rerank.member_checkpoints(path, ["model1", "model2"], ["model3=a"])
+    with pytest.raises(DataError, match="member model4 scores only the candidates"):
+        rerank.read_blend(_write_blend(str(tmp_path / "b"), ["model1", "model4"], [0.5, 0.5]))
+    with open(path, "w") as f:
+        json.dump({"how": "rank", "t": 0.5}, f)
+    with pytest.raises(DataError, match="not a blend of ensemble.py"):
+        rerank.read_blend(path)
+    with pytest.raises(DataError, match="not found; run ensemble.py"):
+        rerank.read_blend(str(tmp_path / "none.json"))
+
+
+def test_command_reranks_the_k_with_the_blend(tiny_world, tmp_path, monkeypatch, capsys):
+    model, vocab = _stand_in(tiny_world, monkeypatch)
+    run, out = str(tmp_path / "run"), str(tmp_path / "retrieval")
+    blend = _write_blend(os.path.join(run, "prediction_result"), ["model1", "model2"], [1, 0])
+    loaded = []
+    scorers = {"model1": _first_feature, "model2": _pair_scorer(lambda q, p: float(p % 7))}
+    monkeypatch.setattr(rerank, "load_member", lambda name, path, device: loaded.append(path)
+                        or (scorers[name], vocab, None))
+    res = retrieve.main(["--ckpt", "unused.pt", "--k", "30", "--out", out, "--rerank", blend,
+                         "--member", "model2=elsewhere.pt", "--rerank-chunk", "5"])
+    assert loaded == [os.path.join(run, "model1", "best.pt"), "elsewhere.pt"]
+    keys = {"recall@10", "ndcg@5"}
+    assert set(res["valid"]) == keys | {"rerank_" + k for k in keys}
+    printed = capsys.readouterr().out
+    assert "valid_gallery_rerank.json" in printed
+    assert "re-ranked by model1 + model2 (rank" in printed
+    # the first feature of every gallery product, read as the gallery read it
+    a = argparse.Namespace(data=None, store=None, features=None, packed=None, info=None)
+    ck_args = {"data": tiny_world.data, "info": tiny_world.info, "store": "npz",
+               "features": tiny_world.features}
+    first = {p: f[:, 0].mean() for p, _, f in retrieve.gallery_rows(retrieve.product_sources(
+        a, ck_args, ["train", "valid", "testA", "testB"]))}
+    for split in ("valid", "test"):
+        with open(os.path.join(out, "%s_gallery_model3.json" % split)) as f:
+            retrieved = json.load(f)
+        with open(os.path.join(out, "%s_gallery_rerank.json" % split)) as f:
+            reranked = json.load(f)
+        assert set(reranked) == set(retrieved)
+        for q, items in reranked.items():
+            pids = [int(p) for p, _ in retrieved[q]]
+            want = sorted(pids, key=lambda p: (-first[p], p))
+            assert len(items) == 30 and [int(p) for p, _ in items] == want
+
+
+# ---------------------------------------------------------------------------------------
 # slow: model3 trained on the tiny world, then retrieved
 # ---------------------------------------------------------------------------------------
 @pytest.mark.slow
@@ -181,3 +343,27 @@ def test_model3_retrieves_end_to_end(pretrained, tiny_world, tmp_path):
     assert set(res) == {"valid", "testB"} and set(res["valid"]) == {"recall@10", "ndcg@5"}
     with open(os.path.join(ret, "test_gallery_model3.json")) as f:
         assert all(len(v) == 50 for v in json.load(f).values())
+
+
+@pytest.mark.slow
+def test_model3_retrieves_and_reranks_with_model1_and_pretraining(pretrained, tiny_world,
+                                                                   tmp_path, capsys):
+    run, ret = str(tmp_path / "run"), str(tmp_path / "retrieval")
+    export = ["--export", os.path.join(pretrained, "encoder.pt"), "--no-eval"]
+    m1_train.main(_common(tiny_world, os.path.join(run, "model1"), epochs=1) + export)
+    m3_train.main(_common(tiny_world, os.path.join(run, "model3"), epochs=1) + export)
+    blend = _write_blend(os.path.join(run, "prediction_result"),
+                         ["multilabel", "model1", "model3"], [0.2, 0.3, 0.5], "zscore")
+    res = retrieve.main(["--ckpt", os.path.join(run, "model3", "best.pt"), "--k", "50",
+                         "--out", ret, "--rerank", blend,
+                         "--member", "multilabel=" + os.path.join(pretrained, "best.pt")])
+    assert set(res["valid"]) == {"recall@10", "ndcg@5", "rerank_recall@10", "rerank_ndcg@5"}
+    assert all(0 <= v <= 1 for v in res["valid"].values())
+    assert "re-ranked by multilabel + model1 + model3 (zscore" in capsys.readouterr().out
+    for split in ("valid", "test"):
+        model3, reranked = (metric.load_predictions(os.path.join(ret, "%s_gallery_%s.json"
+                                                                 % (split, name)))
+                            for name in ("model3", "rerank"))
+        assert set(reranked) == set(model3)
+        assert all(len(reranked[q]) == 50 and set(reranked[q]) == set(model3[q])
+                   for q in model3)
