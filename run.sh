@@ -10,7 +10,9 @@
 #   WORKERS   DataLoader workers per process (default 0 with the packed store, 1 with npz)
 #   ENSEMBLE_HOW  blend normalisation: raw, zscore, rank, or best (by 5-fold estimate);
 #             default raw with PRESET=paper (the published blend), best otherwise
-#   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS  extra flags of one stage's train.py
+#   ENSEMBLE_MODELS  the blend's members; default model1,model2 with PRESET=paper,
+#             multilabel,model1,model2,model3 otherwise
+#   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS, MODEL3_ARGS  extra flags of one stage's train.py
 #             (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
 #   RESUME    1: skip every stage that finished before in OUT_DIR with the same command
 #             (OUT_DIR/.stages/NAME records it); delete that file to redo one stage
@@ -26,7 +28,11 @@ case "$STORE" in
   npz) WORKERS=${WORKERS:-1} ;;
   *) echo "run.sh: STORE must be packed or npz, got '$STORE'" >&2; exit 2 ;;
 esac
-if [ "$PRESET" = paper ]; then ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; else ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; fi
+if [ "$PRESET" = paper ]; then
+  ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-model1,model2}
+else
+  ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-multilabel,model1,model2,model3}
+fi
 PRED="$OUT_DIR/prediction_result"
 mkdir -p "$OUT_DIR" "$PRED"
 TIMES="$OUT_DIR/stage_times.tsv"
@@ -69,10 +75,11 @@ fi
 read -ra MULTILABEL_EXTRA <<< "${MULTILABEL_ARGS:-}"
 read -ra MODEL1_EXTRA <<< "${MODEL1_ARGS:-}"
 read -ra MODEL2_EXTRA <<< "${MODEL2_ARGS:-}"
+read -ra MODEL3_EXTRA <<< "${MODEL3_ARGS:-}"
 stage multilabel_train "${TRAIN[@]}" multilabel/train.py "${COMMON[@]}" "${MULTILABEL_EXTRA[@]}" --out "$OUT_DIR/multilabel"
 stage multilabel_export python multilabel/export_model.py --ckpt "$OUT_DIR/multilabel/best.pt" --out "$OUT_DIR/multilabel/encoder.pt"
-stage multilabel_validation python multilabel/validation.py --ckpt "$OUT_DIR/multilabel/best.pt" --data "$DATA_DIR" --captions 5
-for m in model1 model2; do
+stage multilabel_validation python multilabel/validation.py --ckpt "$OUT_DIR/multilabel/best.pt" --data "$DATA_DIR" --captions 5 --split valid --split testB --out "$PRED"
+for m in model1 model2 model3; do
   extra=MODEL${m#model}_EXTRA[@]
   stage ${m}_train "${TRAIN[@]}" $m/train.py "${COMMON[@]}" "${!extra}" --export "$OUT_DIR/multilabel/encoder.pt" --out "$OUT_DIR/$m"
   stage ${m}_validation python $m/validation.py --ckpt "$OUT_DIR/$m/best.pt" --data "$DATA_DIR" --split valid --split testB --out "$PRED"
@@ -80,5 +87,7 @@ done
 TEST_ANS="$DATA_DIR/testB/testB_answer.json"; [ -f "$TEST_ANS" ] || TEST_ANS=""
 stage ensemble env ENSEMBLE_PRED_DIR="$PRED" ENSEMBLE_VALID_ANSWERS="$DATA_DIR/valid/valid_answer.json" \
   ENSEMBLE_TEST_ANSWERS="$TEST_ANS" ENSEMBLE_OUT="$PRED/submission.csv" ENSEMBLE_HOW="$ENSEMBLE_HOW" \
+  ENSEMBLE_MODELS="$ENSEMBLE_MODELS" \
   jupyter nbconvert --to notebook --execute ensemble.ipynb --output-dir "$OUT_DIR" --output ensemble.executed.ipynb
+stage retrieval python model3/retrieve.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --split valid --split testB --k 100 --out "$PRED" --rerank "$PRED/ensemble.json"
 run python summary.py --out "$OUT_DIR"

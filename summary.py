@@ -1,8 +1,9 @@
 """Print the pipeline's summary table: NDCG@5 of each model and the blend, and stage times.
 
     python summary.py --out runs
-Reads OUT/prediction_result/ensemble.json (written by ensemble.ipynb) and OUT/stage_times.tsv
-(written by run.sh); writes OUT/summary.json.
+Reads OUT/prediction_result/ensemble.json (written by ensemble.ipynb), its
+gallery_metrics.json (model3/retrieve.py, where the data has gallery answers) and
+OUT/stage_times.tsv (written by run.sh); writes OUT/summary.json.
 """
 import argparse
 import json
@@ -37,6 +38,10 @@ def main(argv=None):
     if os.path.exists(os.path.join(pred, "valid_pred_model2.json")):
         p1, p2 = ensemble.load_members(pred, "valid")
         extra["valid_rank_correlation_model1_model2"] = ensemble.rank_correlation(p1, p2)
+    gallery = {}
+    if os.path.exists(os.path.join(pred, "gallery_metrics.json")):
+        with open(os.path.join(pred, "gallery_metrics.json")) as f:
+            gallery = json.load(f)
     cols = list(ens["table"])
     chosen = ensemble.describe(ens["how"], list(ens["weights"].values()), list(ens["weights"]))
     print("NDCG@5 (blend: %s, chosen on valid; valid k-fold estimate %.4f)"
@@ -47,12 +52,17 @@ def main(argv=None):
         print(row.ljust(width) + "".join("%10.4f" % ens["table"][c][i] for c in cols))
     for k, v in extra.items():
         print("%-40s %.4f" % (k.replace("_", " "), v))
+    if gallery:
+        print("\nwhole gallery: model3's top K, then (rerank_) those K re-ranked by the blend")
+        for split, m in gallery.items():
+            print("  %-6s " % split + "  ".join("%s %.4f" % kv for kv in m.items()))
     if times:
         print("\nwall time per stage (s)")
         for n, s in times:
             print("  %-24s %6d" % (n, s))
         print("  %-24s %6d" % ("total", sum(s for _, s in times)))
-    atomic_json({"ensemble": ens, "stage_times_s": dict(times), **extra}, os.path.join(a.out, "summary.json"))
+    atomic_json({"ensemble": ens, "gallery": gallery, "stage_times_s": dict(times), **extra},
+                os.path.join(a.out, "summary.json"))
 
 
 if __name__ == "__main__":

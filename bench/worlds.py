@@ -3,14 +3,16 @@ not tuned on?
 
 For each world (preset:seed:lang) it generates the data root if absent, runs ``run.sh`` on it
 once per variant (a name and extra stage flags), runs ``bench/two_tower.py`` on the same
-preprocessed data, and prints one table of NDCG@5 on valid and testB plus wall times.
+preprocessed data, and prints one table of NDCG@5 on valid and testB, the whole-gallery
+figures of testB (model3's retrieval, then re-ranked by the blend) and wall times.
 
     python bench/worlds.py --worlds hard:0:en hard:1:en hard:0:zh hard:1:zh --out runs/worlds
     python bench/worlds.py --worlds hard:0:en --variant published \
         "MULTILABEL_ARGS=--transform none --input-norm 0" "MODEL1_ARGS=--p-near 0" \
         "MODEL2_ARGS=--p-near 0"
-Every run's artefacts stay under OUT/<world>/<variant>/; a finished run is not redone, so an
-interrupted benchmark resumes where it stopped.
+Every run's artefacts stay under OUT/<world>/<variant>/, and run.sh runs with RESUME=1: a
+stage that finished before with the same command is not redone, so an interrupted benchmark
+resumes where it stopped.
 """
 import argparse
 import json
@@ -20,7 +22,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("pretraining", "model1", "model2", "blend")
+STAGES = ("pretraining", "model1", "model2", "model3", "blend")
 
 
 def world_root(out, world):
@@ -34,21 +36,21 @@ def world_root(out, world):
 
 
 def run_pipeline(data, out, env_extra):
-    summary = os.path.join(out, "summary.json")
-    if not os.path.exists(summary):
-        env = dict(os.environ, DATA_DIR=data, OUT_DIR=out, **env_extra)
-        os.makedirs(out, exist_ok=True)
-        with open(out + ".log", "w") as log:
-            subprocess.run(["bash", os.path.join(ROOT, "run.sh")], env=env, check=True,
-                           stdout=log, stderr=subprocess.STDOUT)
-    with open(summary) as f:
+    env = dict(os.environ, DATA_DIR=data, OUT_DIR=out, RESUME="1", **env_extra)
+    os.makedirs(out, exist_ok=True)
+    with open(out + ".log", "a") as log:
+        subprocess.run(["bash", os.path.join(ROOT, "run.sh")], env=env, check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
     table, rows = s["ensemble"]["table"], s["ensemble"]["table_rows"]
-    # rows: model1, model2, "blend (how, t=...)"; columns: valid, test (testB)
+    # rows: each member, then "blend (...)"; columns: valid, test (testB)
     row = {name.split()[0]: {"valid": table["valid"][i], "testB": table.get("test", [None] * len(rows))[i]}
            for i, name in enumerate(rows)}
+    empty = {"valid": None, "testB": None}
     return {"pretraining": {"valid": s.get("pretraining_only_valid_ndcg5")},
-            "model1": row["model1"], "model2": row["model2"], "blend": row["blend"],
+            **{m: row.get(m, empty) for m in STAGES[1:]},
+            "gallery": s.get("gallery", {}).get("testB", {}),
             "wall_s": sum(s["stage_times_s"].values())}
 
 
@@ -89,17 +91,22 @@ def main(argv=None):
             rows.append((world, name, report, r))
         tt = run_two_tower(data, os.path.join(a.out, world.replace(":", "-"), variants[0][0]))
         rows.append((world, "two-tower", report, tt))
-    head = "| world | run | random | class-match | pretraining valid | model1 | model2 | blend | wall s |"
+    head = ("| world | run | random | class-match | pretraining valid | model1 | model2 | model3 "
+            "| blend | gallery testB R@100: retrieval / re-ranked | gallery testB NDCG@5 | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for world, name, report, r in rows:
         base = "%s / %s" % (fmt(report["valid"]["random"]), fmt(report["testB"]["random"]))
         cls = "%s / %s" % (fmt(report["valid"]["class_match"]), fmt(report["testB"]["class_match"]))
         if name == "two-tower":
-            cells = ["—", "—", "—", "%s / %s" % (fmt(r["valid"]), fmt(r["testB"])), "%.0f" % r["wall_s"]]
+            cells = ["—"] * 4 + ["%s / %s" % (fmt(r["valid"]), fmt(r["testB"])), "—", "—",
+                                 "%.0f" % r["wall_s"]]
         else:
+            g = r["gallery"]
             cells = [fmt(r["pretraining"]["valid"])] + [
-                "%s / %s" % (fmt(r[s]["valid"]), fmt(r[s]["testB"])) for s in STAGES[1:]] + \
-                ["%.0f" % r["wall_s"]]
+                "%s / %s" % (fmt(r[s]["valid"]), fmt(r[s]["testB"])) for s in STAGES[1:]] + [
+                "%s / %s" % (fmt(g.get("recall@100")), fmt(g.get("rerank_recall@100"))),
+                "%s / %s" % (fmt(g.get("ndcg@5")), fmt(g.get("rerank_ndcg@5"))),
+                "%.0f" % r["wall_s"]]
         lines.append("| %s | %s | %s | %s | %s |" % (world, name, base, cls, " | ".join(cells)))
     print("NDCG@5, valid / testB\n" + "\n".join(lines))
     with open(os.path.join(a.out, "table.md"), "w") as f:

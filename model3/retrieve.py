@@ -11,7 +11,8 @@ with a running top K, ties by product id), or through faiss (``faiss``: IndexFla
 ``hnsw``: IndexHNSWFlat, approximate). Writes OUT/valid_gallery_model3.json and
 OUT/test_gallery_model3.json (testB), {"<query_id>": [["<product_id>", score], ...]}, K
 entries best first; prints Recall@10, Recall@100 and NDCG@5 where the split has
-``<split>_gallery_answer.json`` (generated worlds). With ``--rerank ENSEMBLE_JSON``, each
+``<split>_gallery_answer.json`` (generated worlds), and writes them to
+OUT/gallery_metrics.json ({split: {metric: value}}). With ``--rerank ENSEMBLE_JSON``, each
 query's K are then re-ranked by the blend ensemble.py recorded (``model3/rerank.py``) and
 written to OUT/{valid,test}_gallery_rerank.json, the metrics printed beside retrieval's.
 docs/retrieval.md.
@@ -332,6 +333,8 @@ def main(argv=None):
             printed.append("%s: wrote %s (%d queries, %s)%s" % (
                 split, os.path.join(a.out, fname), len(preds[split]), what,
                 "".join("  %s %.4f" % kv for kv in m.items())))
+    if metrics:  # for run.sh's summary
+        writers["gallery_metrics.json"] = functools.partial(utils.atomic_json, metrics)
     utils.write_together(a.out, writers)
     print("\n".join(printed))
     return metrics

@@ -28,11 +28,12 @@ def test_run_sh_end_to_end(tiny_world, tmp_path, store):
                for c in commands if "/train.py" in c)
     with open(os.path.join(out, "stage_times.tsv")) as f:
         stages = [line.split("\t")[0] for line in f]
-    assert ("pack" in stages) == (store == "packed") and stages[-1] == "ensemble"
+    assert ("pack" in stages) == (store == "packed") and stages[-2:] == ["ensemble", "retrieval"]
     pred = os.path.join(out, "prediction_result")
-    for name in ("valid_pred_model1", "valid_pred_model2", "test_pred_model1",
-                 "test_pred_model2"):
-        assert os.path.exists(os.path.join(pred, name + ".json")), name
+    for split in ("valid", "test"):
+        for name in ("pred_multilabel", "pred_model1", "pred_model2", "pred_model3",
+                     "gallery_model3", "gallery_rerank"):
+            assert os.path.exists(os.path.join(pred, "%s_%s.json" % (split, name))), name
     with open(os.path.join(pred, "submission.csv")) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["query-id", "product1", "product2", "product3", "product4", "product5"]
@@ -42,9 +43,15 @@ def test_run_sh_end_to_end(tiny_world, tmp_path, store):
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     ens = summary["ensemble"]
-    assert np.isclose(np.linspace(0, 1, ens["grid"]), ens["t"], rtol=0, atol=1e-12).any()
-    model1, model2, blend = ens["table"]["valid"]  # t tuned on valid: never below either end
-    assert blend >= max(model1, model2) - 1e-12
+    w = np.array(list(ens["weights"].values())) / ens["simplex_step"]  # a simplex grid point
+    assert np.isclose(w.sum() * ens["simplex_step"], 1) and np.allclose(w, w.round())
+    # the small and tiny presets blend all four; weights tuned on valid: never below a member
+    assert ens["models"] == ["multilabel", "model1", "model2", "model3"]
+    *members, blend = ens["table"]["valid"]
+    assert blend >= max(members) - 1e-12
+    assert set(summary["gallery"]["valid"]) == {"recall@10", "recall@100", "ndcg@5",
+                                                "rerank_recall@10", "rerank_recall@100",
+                                                "rerank_ndcg@5"}
     if store == "packed":
         _resume_skips_finished_stages(env, out, stages)
 
@@ -61,7 +68,8 @@ def _resume_skips_finished_stages(env, out, stages):
     ran = [line for line in r.stdout.splitlines() if line.startswith("+ ")]
     skipped = [line.split(":")[0][2:] for line in r.stdout.splitlines()
                if line.startswith("= ")]
-    assert skipped == stages[:-1] and len(ran) == 2, r.stdout  # the notebook, the summary
+    skipped_before = stages[:stages.index("ensemble")] + ["retrieval"]
+    assert skipped == skipped_before and len(ran) == 2, r.stdout  # the notebook, the summary
     assert "ensemble.ipynb" in ran[0] and "summary.py" in ran[1]
     assert open(sub).read() == before
     with open(os.path.join(out, "stage_times.tsv")) as f:
