@@ -1,9 +1,10 @@
 """model3/retrieve.py: the exact chunked top K against a full sort (ties, chunk edges), K
 beyond the gallery, faiss against the exact search, the command's files on the tiny world
 with a stand-in model; re-ranking (model3/rerank.py) with stand-in members: one member
-weighted 1 sorts the K by its own pair scores, a blend computed by hand, the products read
-again from the store and the TSVs, the blend's file and checkpoints; slow: model3 trained on
-the tiny world, retrieved end to end, and re-ranked with model1 and the pretraining score."""
+weighted 1 sorts the K by its own pair scores, a blend computed by hand, the brute force of
+bench/rerank_ceiling.py, the products read again from the store and the TSVs, the blend's
+file and checkpoints; slow: model3 trained on the tiny world, retrieved end to end, and
+re-ranked with model1 and the pretraining score."""
 import argparse
 import json
 import os
@@ -232,6 +233,28 @@ def test_a_blend_of_two_members_by_hand(how, weights, want):
                                  _pair_scorer(lambda q, p: second[p])],
                         weights=weights, how=how, vocab=VOCAB, get=_one_box)
     assert out == {1: want}
+
+
+def test_brute_force_sorts_every_pair_score_and_re_ranking_keeps_its_order():
+    """bench/rerank_ceiling.py: every gallery product scored by the blend, ranked as all
+    the pair scores sorted; a raw blend re-ranks any retrieved K in that order."""
+    from bench import rerank_ceiling
+    own = lambda q, p: float((3 * p + q) % 5)           # noqa: E731 (many ties)
+    other = lambda q, p: float((p * p + 7 * q) % 11)    # noqa: E731
+    blend = dict(scorers=[_pair_scorer(own), _pair_scorer(other)], weights=[0.25, 0.75],
+                 how="raw", vocab=VOCAB)
+    retrieved = _retrieved(k=12)
+    texts = {q: "red shoe" for q in retrieved}
+    full = rerank_ceiling.brute_force(sorted(retrieved), texts, set(range(60)), blend=blend,
+                                      get=_one_box)
+    reranked = rerank.rerank(retrieved, texts, get=_one_box, **{
+        k: blend[k] for k in ("scorers", "weights", "how", "vocab")})
+    for q, items in full.items():
+        score = {p: 0.25 * own(q, p) + 0.75 * other(q, p) for p in range(60)}
+        assert items == sorted(score.items(), key=lambda x: (-x[1], x[0]))
+        kept = {p for p, _ in retrieved[q]}
+        assert reranked[q] == [(p, s) for p, s in items if p in kept]
+    assert rerank_ceiling.top_in_k(full, {q: v[2:14] for q, v in full.items()}) == 3 / 5
 
 
 def test_a_chunk_reads_each_product_once_and_keeps_the_order():
