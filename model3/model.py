@@ -132,19 +132,35 @@ class DualEncoder(nn.Module):
         return loss, {"pos": (text * image).sum(1).mean().detach(), "scale": scale.detach()}
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient on its own rows summed over
+    every rank's loss: with DDP's average of the ranks' gradients, the gradient of the
+    whole batch's loss, as one process would compute it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(td.get_world_size())]
+        td.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        td.all_reduce(grad)
+        n = len(grad) // td.get_world_size()
+        return grad[td.get_rank() * n:(td.get_rank() + 1) * n]
+
+
 def gather_rows(x):
     """This rank's rows x (B, ...) -> (every rank's rows in rank order (world * B, ...), the
-    index of this rank's first row). Gradients flow only through this rank's part: the
-    others arrive detached, so a rank's loss trains its own embeddings against every rank's
-    as constants, and DDP averages the resulting parameter gradients. Without a process
-    group: (x, 0)."""
+    index of this rank's first row). Gradients flow through every part back to the rank
+    that holds it (``_GatherWithGrad``): each rank's loss trains every rank's embeddings as
+    its columns, and DDP's average is the gradient of one process on the whole batch.
+    Every rank must hold the same B (DistributedSampler gives each the same count). Without
+    a process group: (x, 0)."""
     if not td.is_initialized() or td.get_world_size() == 1:
         return x, 0
-    parts = [torch.empty_like(x) for _ in range(td.get_world_size())]
-    td.all_gather(parts, x.detach().contiguous())
-    rank = td.get_rank()
-    parts[rank] = x
-    return torch.cat(parts), rank * len(x)
+    return _GatherWithGrad.apply(x), td.get_rank() * len(x)
 
 
 def infonce_loss(text, image, qi, scale, *, neg_text, neg_image):
