@@ -94,10 +94,21 @@ def load_members(paths, device):
     return [s for s, _, _ in loaded], loaded[0][1], loaded[0][2]
 
 
+def weighted_members(models, weights):
+    """The members whose weight is not 0 (a weight of 0 changes no score, so they are never
+    loaded or run), as (models, weights); two at least, since a blend has two or more."""
+    keep = [i for i, w in enumerate(weights) if w > 0]
+    keep += [i for i in range(len(models)) if i not in keep][:max(0, 2 - len(keep))]
+    keep.sort()
+    return [models[i] for i in keep], [weights[i] for i in keep]
+
+
 def load_blend(path, device, given=()):
     """ensemble.json -> {models, weights, how, scorers, vocab, max_boxes}: the blend with
-    its members loaded (checkpoints as ``member_checkpoints`` finds them)."""
+    its members of non-zero weight loaded (checkpoints as ``member_checkpoints`` finds
+    them)."""
     models, weights, how = read_blend(path)
+    models, weights = weighted_members(models, weights)
     scorers, vocab, max_boxes = load_members(member_checkpoints(path, models, given), device)
     return dict(models=models, weights=weights, how=how, scorers=scorers, vocab=vocab,
                 max_boxes=max_boxes)

@@ -319,6 +319,14 @@ def test_the_blend_and_its_checkpoints(tmp_path):
         rerank.read_blend(str(tmp_path / "none.json"))
 
 
+def test_members_of_weight_zero_are_not_run():
+    """A weight of 0 changes no score: such members are dropped, two members kept."""
+    assert rerank.weighted_members(list("abcd"), [0.1, 0.0, 0.05, 0.85]) == (
+        list("acd"), [0.1, 0.05, 0.85])
+    assert rerank.weighted_members(list("abc"), [0.0, 1.0, 0.0]) == (list("ab"), [0.0, 1.0])
+    assert rerank.weighted_members(list("ab"), [1.0, 0.0]) == (list("ab"), [1.0, 0.0])
+
+
 def test_command_reranks_the_k_with_the_blend(tiny_world, tmp_path, monkeypatch, capsys):
     model, vocab = _stand_in(tiny_world, monkeypatch)
     run, out = str(tmp_path / "run"), str(tmp_path / "retrieval")
