@@ -31,3 +31,18 @@ def tiny_world(tmp_path_factory):
     prepare.preprocess(data, info=info, workers=1, progress=False)
     return types.SimpleNamespace(data=data, info=info, features=os.path.join(data, "features"),
                                  report=report, root=str(root))
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_world):
+    """Pretraining on the tiny world (2 epochs) and its export, once per run -> its folder.
+    Defined here, not imported into test files: an imported fixture is a new fixture per
+    module, and each would train again into the same folder."""
+    from multilabel import export_model, train as ml_train
+    out = os.path.join(tiny_world.root, "ml")
+    ml_train.main(["--data", tiny_world.data, "--info", tiny_world.info, "--preset", "tiny",
+                   "--workers", "0", "--epochs", "2", "--no-progress", "--out", out,
+                   "--lr", "3e-3"])
+    export_model.main(["--ckpt", os.path.join(out, "best.pt"),
+                       "--out", os.path.join(out, "encoder.pt")])
+    return out

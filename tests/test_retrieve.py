@@ -20,7 +20,7 @@ import utils
 from ensemble import HOWS
 from model1 import train as m1_train
 from model3 import rerank, retrieve, train as m3_train
-from test_stages import _common, pretrained  # noqa: F401 (a fixture)
+from test_stages import _common
 from tsv import DataError
 
 

@@ -13,7 +13,7 @@ import metric
 import tsv
 import runtime
 import utils
-from multilabel import export_model, train as ml_train, validation as ml_validation
+from multilabel import train as ml_train, validation as ml_validation
 from multilabel.model import load_export
 from model1 import train as m1_train, validation as m1_validation
 from model2 import model as m2_model, train as m2_train, validation as m2_validation
@@ -29,15 +29,6 @@ def _common(w, out, epochs=2, preset="tiny"):
 def _log(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-@pytest.fixture(scope="session")
-def pretrained(tiny_world):
-    out = os.path.join(tiny_world.root, "ml")
-    ml_train.main(_common(tiny_world, out) + ["--lr", "3e-3"])
-    export_model.main(["--ckpt", os.path.join(out, "best.pt"),
-                       "--out", os.path.join(out, "encoder.pt")])
-    return out
 
 
 def test_multilabel_trains_and_logs(pretrained):
