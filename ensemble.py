@@ -31,7 +31,7 @@ import sys
 
 import numpy as np
 
-from metric import check_submission, load_answers, load_predictions, ndcg_at_k, ndcg_one, rank
+from metric import check_submission, load_answers, load_predictions, ndcg_at_k, rank
 from tsv import DataError, read_candidates
 from utils import atomic_json, atomic_open
 

@@ -27,6 +27,7 @@ import numpy as np
 
 import runtime
 import utils
+from text import Vocab, tokenize
 from tsv import FEAT_DIM, DataError, iter_lines, line_number, line_numbers, parse_row
 
 META_COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "query", "query_id"]
@@ -413,7 +414,7 @@ def build_info(df, info, *, kmeans_k=None, seed=0, min_count=1, where=None):
     # one string per distinct word and arrays cut by query: with millions of rows, new
     # strings and Python ints per query were most of the peak memory
     pool = {}
-    tokens = [[pool.setdefault(w, w) for w in utils.tokenize(t)] for t in texts]
+    tokens = [[pool.setdefault(w, w) for w in tokenize(t)] for t in texts]
     code = np.searchsorted(qids, df.query_id.to_numpy(np.int64))
     offsets = np.zeros(len(qids) + 1, np.int64)
     np.cumsum(np.bincount(code, minlength=len(qids)), out=offsets[1:])
@@ -427,7 +428,7 @@ def build_info(df, info, *, kmeans_k=None, seed=0, min_count=1, where=None):
         [ts or ["<empty>"] for ts in tokens])
     km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096)
     clusters = km.fit_predict(vec).astype(np.int64)
-    vocab, counts = utils.Vocab.build(tokens, min_count)
+    vocab, counts = Vocab.build(tokens, min_count)
     # Ragged rows are pickled as their plain state: the file needs no class of this project
     # to load
     queries = {"query_id": qids, "text": list(texts),

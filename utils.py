@@ -1,7 +1,8 @@
-"""What every stage shares: the product stores, padding and the collate, text and the
-vocabulary, the training and candidate datasets, atomic writes.
+"""What every stage shares: the product stores, padding and the collate, the training and
+candidate datasets, atomic writes.
 
-Around it: ``tsv.py`` reads the competition's files, ``prepare.py`` turns them once into
+Around it: ``tsv.py`` reads the competition's files, ``text.py`` tokenizes and holds the
+vocabulary, ``prepare.py`` turns them once into
 per-product files and ``info/``, ``sampler.py`` draws the hard negatives, ``metric.py``
 scores and writes predictions, and ``runtime.py`` holds seeds, checkpoints and the
 distributed helpers. Importing this module loads no torch (the preprocessing
@@ -13,19 +14,16 @@ import json
 import logging
 import os
 import pickle
-import re
 import shutil
 import zipfile
 import zlib
-from collections import Counter
 
 import numpy as np
 
+from text import BOS, EOS, PAD, Vocab, tokenize
 from tsv import FEAT_DIM, DataError, read_candidates
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
-PAD, UNK, BOS, EOS = range(4)
 log = logging.getLogger("kddmm")
 
 
@@ -259,77 +257,6 @@ def pad_tokens(seqs, pad=PAD):
     for i, s in enumerate(seqs):  # numpy: a torch.as_tensor per row is slow
         out[i, :len(s)] = s
     return torch.from_numpy(out), torch.tensor([len(s) for s in seqs], dtype=torch.long)
-
-
-# --------------------------------------------------------------------------------------
-# Text
-# --------------------------------------------------------------------------------------
-_ASCII_TOKEN = re.compile(r"[a-z0-9]+(?:['\-][a-z0-9]+)*")
-_jieba = None
-_stopwords = None
-
-
-def _jieba_cut(text):
-    global _jieba
-    if _jieba is None:
-        import jieba
-        jieba.setLogLevel(logging.WARNING)
-        jieba.initialize()
-        _jieba = jieba
-    return _jieba.lcut(text)
-
-
-def stopwords():
-    global _stopwords
-    if _stopwords is None:
-        _stopwords = set()
-        for name in ("en.txt", "zh.txt"):
-            with open(os.path.join(ROOT, "stopwords", name), encoding="utf-8") as f:
-                _stopwords |= {w.strip() for w in f if w.strip() and not w.startswith("#")}
-    return _stopwords
-
-
-def tokenize(text, drop_stopwords=True):
-    """Lower-case; ASCII words keep hyphens/apostrophes ("t-shirt"); Chinese goes to jieba."""
-    tokens = []
-    for chunk in text.lower().split():
-        if chunk.isascii():
-            tokens += _ASCII_TOKEN.findall(chunk)
-        else:
-            for t in _jieba_cut(chunk):
-                t = t.strip()
-                if t and (not t.isascii() or _ASCII_TOKEN.fullmatch(t)) and re.search(r"\w", t):
-                    tokens.append(t)
-    if drop_stopwords:
-        sw = stopwords()
-        tokens = [t for t in tokens if t not in sw]
-    return tokens
-
-
-class Vocab:
-    """Token <-> id, with ``<pad> <unk> <bos> <eos>`` first."""
-
-    def __init__(self, itos):
-        if list(itos[:4]) != SPECIALS:
-            raise ValueError("a vocabulary starts with %s" % SPECIALS)
-        self.itos = list(itos)
-        self.stoi = {t: i for i, t in enumerate(self.itos)}
-
-    @classmethod
-    def build(cls, token_lists, min_count=1):
-        counts = Counter(t for ts in token_lists for t in ts)
-        words = sorted((w for w, c in counts.items() if c >= min_count),
-                       key=lambda w: (-counts[w], w))
-        return cls(SPECIALS + words), counts
-
-    def encode(self, tokens):
-        return [self.stoi.get(t, UNK) for t in tokens]
-
-    def decode(self, ids):
-        return [self.itos[i] for i in ids if i >= len(SPECIALS)]
-
-    def __len__(self):
-        return len(self.itos)
 
 
 # --------------------------------------------------------------------------------------

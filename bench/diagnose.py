@@ -28,6 +28,7 @@ import synthetic  # noqa: E402
 import utils  # noqa: E402
 from multilabel.model import word_logits  # noqa: E402
 from multilabel.validation import load_pretrainer  # noqa: E402
+from text import tokenize  # noqa: E402
 
 
 def word_kinds(lang):
@@ -36,7 +37,7 @@ def word_kinds(lang):
 
     def add(word, kind):
         text = synthetic.ZH.get(word, word) if lang == "zh" else word
-        for t in utils.tokenize(text):
+        for t in tokenize(text):
             kinds.setdefault(t, kind)
     for c in list(synthetic.CATEGORIES) + [s for v in synthetic.SYNONYMS.values() for s in v]:
         add(c, "category")

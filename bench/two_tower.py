@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metric  # noqa: E402
+import text  # noqa: E402
 import tsv  # noqa: E402
 import utils  # noqa: E402
 
@@ -51,7 +52,7 @@ class TextTower(nn.Module):
     def forward(self, tokens):
         """tokens (B, L) 0-padded -> (B, d) unit vectors (an empty query reads <unk>)."""
         tokens = tokens.clone()
-        tokens[(tokens != 0).sum(1) == 0, 0] = utils.UNK
+        tokens[(tokens != 0).sum(1) == 0, 0] = text.UNK
         x = self.emb(tokens)
         w = torch.softmax(self.score(x).squeeze(-1).masked_fill(tokens == 0, float("-inf")), 1)
         return F.normalize(self.proj(torch.einsum("bl,bld->bd", w, x)), dim=-1)

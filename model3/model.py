@@ -20,7 +20,7 @@ import torch.distributed as td
 import torch.nn as nn
 import torch.nn.functional as F
 
-import utils
+import text
 from model1.model import TextSide
 from multilabel.model import AttentionPool
 
@@ -112,7 +112,7 @@ class DualEncoder(nn.Module):
     def encode_queries(self, tokens):
         """tokens (Q, L) 0-padded -> (Q, dim) unit vectors; an empty query reads <unk>."""
         tokens = tokens.to(self.logit_scale.device).clone()
-        tokens[(tokens != 0).sum(1) == 0, 0] = utils.UNK
+        tokens[(tokens != 0).sum(1) == 0, 0] = text.UNK
         e, states, mask = self.text(tokens)
         x = self.text_norm(e) if states is None else states
         return F.normalize(self.text_proj(self.text_pool(x, mask)).float(), dim=-1)

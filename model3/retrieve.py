@@ -38,6 +38,7 @@ import tsv  # noqa: E402
 import utils  # noqa: E402
 from model3 import rerank  # noqa: E402
 from model3.model import build_model  # noqa: E402
+from text import tokenize  # noqa: E402
 
 CANDIDATE_SPLITS = ("valid", "testA", "testB")
 RECALL_AT = (10, 100)
@@ -170,7 +171,7 @@ def encode_gallery(model, rows, batch_size=256, sort_window=16):
 @torch.no_grad()
 def encode_texts(model, vocab, texts, batch_size=1024):
     """Query texts -> (Q, D) unit vectors on the CPU."""
-    tokens = [vocab.encode(utils.tokenize(t)) for t in texts]
+    tokens = [vocab.encode(tokenize(t)) for t in texts]
     out = [model.encode_queries(utils.pad_tokens(tokens[s:s + batch_size])[0]).float().cpu()
            for s in range(0, len(tokens), batch_size)]
     return torch.cat(out)

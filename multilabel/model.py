@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import runtime
+import text
 import utils
 
 PRESETS = {  # paper: the published settings; small: this CPU in minutes; tiny: tests
@@ -241,4 +242,4 @@ def load_export(path):
                                   "export_model.py" % (path, key))
     enc = ImageEncoder(ex["config"])
     enc.load_state_dict(ex["encoder"], strict=True)
-    return enc, ex["word_emb"], utils.Vocab(ex["vocab"]), dict(ex["config"])
+    return enc, ex["word_emb"], text.Vocab(ex["vocab"]), dict(ex["config"])

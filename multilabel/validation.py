@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import engine  # noqa: E402
 import metric  # noqa: E402
 import runtime  # noqa: E402
+import text  # noqa: E402
 import utils  # noqa: E402
 from multilabel.model import Pretrainer  # noqa: E402
 
@@ -53,7 +54,7 @@ def make_evaluator(args, vocab):
 
 def load_pretrainer(path):
     ck = runtime.load_checkpoint(path)
-    vocab = utils.Vocab(ck["vocab"])
+    vocab = text.Vocab(ck["vocab"])
     model = Pretrainer(ck["encoder_config"], len(vocab), ck["args"]["k_hard"])
     model.load_state_dict(ck["model"], strict=True)
     return model, vocab, ck
@@ -73,8 +74,8 @@ def show_captions(model, vocab, cset, heads, answers, n, beam):
         shown = list(first.values())[:n]
     else:
         shown = list(range(min(n, len(cset.pids))))
-    caps = model.decoder.beam_search(heads[shown, 0], model.word_emb.weight, utils.BOS,
-                                     utils.EOS, beam=beam)
+    caps = model.decoder.beam_search(heads[shown, 0], model.word_emb.weight, text.BOS,
+                                     text.EOS, beam=beam)
     out = []
     for i, c in zip(shown, caps):
         true, gen = cset.texts[cset.pos[i]], " ".join(vocab.decode(c))

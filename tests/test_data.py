@@ -12,6 +12,7 @@ import pytest
 import metric
 import prepare
 import synthetic
+import text
 import tsv
 import utils
 from metric import ndcg_at_k, ndcg_one
@@ -122,16 +123,16 @@ def test_chinese_queries_segment(tmp_path):
                        log=lambda *x: None)
     df = pd.read_csv(os.path.join(out, "train/train.tsv"), sep="\t", quoting=csv.QUOTE_NONE,
                      usecols=["query"])
-    toks = utils.tokenize(df["query"].iloc[0])
+    toks = text.tokenize(df["query"].iloc[0])
     assert len(toks) >= 1 and all(" " not in t for t in toks)
-    assert utils.tokenize("白色纯棉衬衫") == ["白色", "纯棉", "衬衫"]
+    assert text.tokenize("白色纯棉衬衫") == ["白色", "纯棉", "衬衫"]
 
 
 def test_npz_round_trip_equals_tsv(tiny_world):
     store = utils.ProductStore(tiny_world.features)
     n = 0
-    for _, text in tsv.iter_lines(os.path.join(tiny_world.data, "train/train.tsv")):
-        row = tsv.parse_row(text)
+    for _, line in tsv.iter_lines(os.path.join(tiny_world.data, "train/train.tsv")):
+        row = tsv.parse_row(line)
         with np.load(store.path(row["product_id"])) as z:
             assert np.array_equal(z["features"], row["features"])
             assert np.array_equal(z["boxes"], row["boxes"])
@@ -153,9 +154,9 @@ def test_info_contents(tiny_world):
         assert queries["text"][i] == rows["query"].iloc[0]
         assert dict(zip(queries["products"][i].tolist(), queries["num_boxes"][i].tolist())) \
             == dict(zip(rows.product_id, rows.num_boxes))
-        assert queries["tokens"][i] == utils.tokenize(queries["text"][i])
+        assert queries["tokens"][i] == text.tokenize(queries["text"][i])
         assert queries["tokens"][i][-1] == queries["last_word"][i]
-    assert vocab.itos[:4] == utils.SPECIALS and "shirt" in vocab.stoi
+    assert vocab.itos[:4] == text.SPECIALS and "shirt" in vocab.stoi
     assert queries["cluster"].shape == (len(queries["query_id"]),)
 
 
@@ -173,12 +174,12 @@ def test_rerun_skips_and_is_identical(tiny_world, tmp_path):
 
 
 def test_tokenize_and_vocab():
-    assert utils.tokenize("New 2020 White T-Shirt for Women's, the BEST!") == \
+    assert text.tokenize("New 2020 White T-Shirt for Women's, the BEST!") == \
         ["new", "2020", "white", "t-shirt", "women's", "best"]
-    assert utils.tokenize("the for with") == []
-    v, counts = utils.Vocab.build([["a1", "b2"], ["b2"]], min_count=1)
-    assert v.itos == utils.SPECIALS + ["b2", "a1"] and counts["b2"] == 2
-    assert v.encode(["b2", "zzz"]) == [4, utils.UNK] and v.decode([4, 5, 0]) == ["b2", "a1"]
+    assert text.tokenize("the for with") == []
+    v, counts = text.Vocab.build([["a1", "b2"], ["b2"]], min_count=1)
+    assert v.itos == text.SPECIALS + ["b2", "a1"] and counts["b2"] == 2
+    assert v.encode(["b2", "zzz"]) == [4, text.UNK] and v.decode([4, 5, 0]) == ["b2", "a1"]
 
 
 def test_normalize_boxes_and_padding():

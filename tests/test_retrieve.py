@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import metric
+import text
 import tsv
 import utils
 from ensemble import HOWS
@@ -177,7 +178,7 @@ def test_the_gallery_is_read_in_batches_and_sorted_by_product(tiny_world, monkey
 # ---------------------------------------------------------------------------------------
 # re-ranking with stand-in members
 # ---------------------------------------------------------------------------------------
-VOCAB = utils.Vocab(utils.SPECIALS + ["red", "shoe"])
+VOCAB = text.Vocab(text.SPECIALS + ["red", "shoe"])
 
 
 def _one_box(pid):

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import metric
+import text
 import tsv
 import utils
 from sampler import NegativeSampler
 from tsv import DataError
-from utils import BOS, EOS, PAD
+from text import BOS, EOS, PAD
 
 
 def make_queries(texts, last, cluster, products, tokens=None):
@@ -278,7 +279,7 @@ def test_candidate_set_covers_every_candidate(tiny_world, world):
             assert cs.qids[b["pos"][k]] in [q for q, p in want if p == pid]
         seen += b["pids"].tolist()
     assert sorted(seen) == sorted(cs.pids.tolist())
-    assert cs.tokens == [vocab.encode(utils.tokenize(cands[q]["query"])) for q in cs.qids]
+    assert cs.tokens == [vocab.encode(text.tokenize(cands[q]["query"])) for q in cs.qids]
 
     preds = cs.predictions(np.arange(len(cs.pids), dtype=np.float32))
     assert set(preds) == set(cands) and sum(len(v) for v in preds.values()) == len(want)
