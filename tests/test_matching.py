@@ -113,6 +113,22 @@ def test_model2_shapes_empty_query_and_loss_falls(input_norm, readout):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("readout", ["last", "mean"])
+def test_model2_loss_is_the_three_pair_kinds_scored_apart(readout):
+    """forward scores (q, p), (negative q, p) and (q, negative p) in one GRU call, the
+    negative queries padded to another width: the loss of three separate calls."""
+    import torch.nn.functional as F
+    m = SentenceImageMatcher(*_parts(), readout=readout).eval()
+    b = _batch()
+    b["nq_tokens"] = torch.tensor([[9, 4, 5, 6], [4, 0, 0, 0], [6, 7, 8, 0], [8, 0, 0, 0]])
+    img, n_img = m.encode_image(b["p_boxes"], b["p_feats"], b["p_mask"]), \
+        m.encode_image(b["n_boxes"], b["n_feats"], b["n_mask"])
+    logits = torch.cat([m.logits(b["q_tokens"], img), m.logits(b["nq_tokens"], img),
+                        m.logits(b["q_tokens"], n_img)])
+    want = F.binary_cross_entropy_with_logits(logits, torch.tensor([1.0] * 4 + [0.0] * 8))
+    assert torch.allclose(m(**b)[0], want, atol=1e-6)
+
+
 def test_model2_rejects_unknown_readout():
     with pytest.raises(ValueError, match="readout"):
         SentenceImageMatcher(*_parts(), readout="max")
