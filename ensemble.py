@@ -36,6 +36,7 @@ from tsv import DataError, read_candidates
 from utils import atomic_json, atomic_open
 
 HOWS = ("raw", "zscore", "rank")
+WEIGHTINGS = ("tuned", "equal")
 MODELS = ("model1", "model2")
 HEADER = ["query-id", "product1", "product2", "product3", "product4", "product5"]
 TIE = 1e-12  # curve values closer than this count as equal when picking weights
@@ -251,12 +252,13 @@ def _kfold(points, m, k, seed):
 def tune_members(preds, answers, *, names=None, hows=HOWS, grid=100, simplex_step=0.05, k=5,
                  seed=0):
     """Per normalisation: weights tuned on all of valid, their (optimistic) score, the k-fold
-    estimate.
+    estimate, and the score of equal weights (nothing fitted, so it needs no k-fold).
 
-    -> {how: {"weights", "valid", "kfold", "fold_weights", "curve" (W,), "points" (W, N)}},
-    plus "t" and "fold_t" (the weight of the first member) for two members.
+    -> {how: {"weights", "valid", "kfold", "fold_weights", "equal", "curve" (W,),
+    "points" (W, N)}}, plus "t" and "fold_t" (the weight of the first member) for two members.
     """
     points = weight_grid(len(preds), grid=grid, simplex_step=simplex_step)
+    equal = np.full((1, len(preds)), 1.0 / len(preds))
     out = {}
     for how in hows:
         m = ndcg_table(preds, answers, how, points, names)[1]
@@ -264,7 +266,9 @@ def tune_members(preds, answers, *, names=None, hows=HOWS, grid=100, simplex_ste
         j = pick_weights(points, curve)
         est, fold_w = _kfold(points, m, k, seed)
         out[how] = {"weights": points[j].tolist(), "valid": float(curve[j]), "kfold": est,
-                    "fold_weights": fold_w, "curve": curve, "points": points}
+                    "fold_weights": fold_w,
+                    "equal": float(ndcg_table(preds, answers, how, equal, names)[1].mean()),
+                    "curve": curve, "points": points}
         if len(preds) == 2:
             out[how].update(t=float(points[j, 0]), fold_t=[w[0] for w in fold_w])
     return out
@@ -275,13 +279,21 @@ def tune(p1, p2, answers, *, hows=HOWS, grid=100, k=5, seed=0):
     return tune_members([p1, p2], answers, hows=hows, grid=grid, k=k, seed=seed)
 
 
-def choose_how(tuning, how="best"):
-    """``"best"``: the normalisation with the highest k-fold estimate (first listed on ties)."""
-    if how != "best":
-        if how not in tuning:
-            raise ValueError("normalisation %r was not tuned (have %s)" % (how, list(tuning)))
-        return how
-    return max(tuning, key=lambda h: (tuning[h]["kfold"], -list(tuning).index(h)))
+def choose_blend(tuning, how="best", weighting="best"):
+    """-> (normalisation, weighting, weights). Tuned weights are judged by their k-fold
+    estimate, equal weights by their valid score: both are scores on queries the weights were
+    not fitted to. ``"best"`` takes the highest of the candidates (the first listed on ties:
+    normalisations in order, tuned before equal)."""
+    if how != "best" and how not in tuning:
+        raise ValueError("normalisation %r was not tuned (have %s)" % (how, list(tuning)))
+    if weighting != "best" and weighting not in WEIGHTINGS:
+        raise ValueError("weighting must be best or one of %s, got %r" % (WEIGHTINGS, weighting))
+    cands = [(h, w) for h in (tuning if how == "best" else [how])
+             for w in (WEIGHTINGS if weighting == "best" else [weighting])]
+    h, w = max(cands, key=lambda c: (tuning[c[0]]["kfold" if c[1] == "tuned" else "equal"],
+                                     -cands.index(c)))
+    n = len(tuning[h]["weights"])
+    return h, w, tuning[h]["weights"] if w == "tuned" else [1.0 / n] * n
 
 
 # --------------------------------------------------------------------------------------
@@ -374,12 +386,13 @@ def tuning_table(tuning, names=MODELS):
     for h, r in tuning.items():
         head = {"t": r["t"]} if "t" in r else {"w " + n: w for n, w in zip(names, r["weights"])}
         rows[h] = {**head, "valid (%s tuned on it)" % ("t" if "t" in r else "weights"): r["valid"],
-                   "valid k-fold (honest)": r["kfold"]}
+                   "valid k-fold (honest)": r["kfold"], "valid, equal weights": r["equal"]}
     return pd.DataFrame(rows).T
 
 
-def plot_curves(tuning, how, path=None, names=MODELS):
-    """Two members: valid NDCG@5 against t, one line per normalisation, each chosen t marked."""
+def plot_curves(tuning, how, weights, path=None, names=MODELS):
+    """Two members: valid NDCG@5 against t, one line per normalisation, each tuned t marked
+    (o) and the submitted one (the line of ``how`` at ``weights``, *)."""
     from matplotlib.figure import Figure  # no pyplot: works headless, no global state
     fig = Figure(figsize=(7, 4.2))
     ax = fig.add_subplot()
@@ -387,10 +400,13 @@ def plot_curves(tuning, how, path=None, names=MODELS):
         ts = grid_points(len(r["curve"]))
         line, = ax.plot(ts, r["curve"], label="%s (t=%.3f, k-fold %.4f)" % (h, r["t"], r["kfold"]),
                         lw=2.5 if h == how else 1.2)
-        ax.plot([r["t"]], [r["valid"]], "*" if h == how else "o", color=line.get_color(), ms=12)
-    ax.axvline(tuning[how]["t"], color="grey", ls=":", lw=1)
+        ax.plot([r["t"]], [r["valid"]], "o", color=line.get_color(), ms=8)
+        if h == how:
+            ax.plot([weights[0]], [np.interp(weights[0], ts, r["curve"])], "*",
+                    color=line.get_color(), ms=14)
+    ax.axvline(weights[0], color="grey", ls=":", lw=1)
     ax.set(xlabel="t (weight of %s)" % names[0], ylabel="valid NDCG@5",
-           title="blend t*%s + (1-t)*%s; chosen: %s, t=%.3f" % (*names, how, tuning[how]["t"]))
+           title="blend t*%s + (1-t)*%s; chosen: %s, t=%.3f" % (*names, how, weights[0]))
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path:
@@ -398,17 +414,19 @@ def plot_curves(tuning, how, path=None, names=MODELS):
     return fig
 
 
-def plot_simplex(tuning, how, names, path=None):
+def plot_simplex(tuning, how, weights, names, path=None):
     """Three members: valid NDCG@5 over the weight triangle (barycentric coordinates; a corner
-    is one member alone), one panel per normalisation, each chosen point marked."""
+    is one member alone), one panel per normalisation, each tuned point marked (o) and the
+    submitted one (``weights`` in the panel of ``how``, *)."""
     from matplotlib.figure import Figure
     corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]])
     fig = Figure(figsize=(4.6 * len(tuning), 4.4))
     for ax, (h, r) in zip(fig.subplots(1, len(tuning), squeeze=False)[0], tuning.items()):
         xy = r["points"] @ corners
         im = ax.tripcolor(xy[:, 0], xy[:, 1], r["curve"], shading="gouraud", cmap="viridis")
-        ax.plot(*(np.array(r["weights"]) @ corners), "*" if h == how else "o", color="red",
-                ms=16 if h == how else 9, mec="white")
+        ax.plot(*(np.array(r["weights"]) @ corners), "o", color="red", ms=9, mec="white")
+        if h == how:
+            ax.plot(*(np.array(weights) @ corners), "*", color="red", ms=16, mec="white")
         for (x, y), n in zip(corners, names):
             ax.annotate(n, (x, y), ha="center", va="top" if y == 0 else "bottom", fontsize=9,
                         xytext=(0, -4 if y == 0 else 4), textcoords="offset points")
@@ -417,23 +435,24 @@ def plot_simplex(tuning, how, names, path=None):
         ax.set_aspect("equal")
         ax.set_axis_off()
         fig.colorbar(im, ax=ax, shrink=0.6, label="valid NDCG@5")
-    fig.suptitle("blend weights; chosen: %s" % describe(how, tuning[how]["weights"], names))
+    fig.suptitle("blend weights; chosen: %s" % describe(how, weights, names))
     if path:
         fig.savefig(path, dpi=110, bbox_inches="tight")
     return fig
 
 
-def plot_blend(tuning, how, names, folder):
+def plot_blend(tuning, how, weights, names, folder):
     """The t curve (``ensemble_t.png``, two members) or the weight triangle
-    (``ensemble_simplex.png``, three) in ``folder`` -> its path; None for more members."""
+    (``ensemble_simplex.png``, three) in ``folder``, the submitted ``weights`` marked -> its
+    path; None for more members."""
     if len(names) > 3:
         return None
     if len(names) == 2:
         path = os.path.join(folder, "ensemble_t.png")
-        plot_curves(tuning, how, path, names)
+        plot_curves(tuning, how, weights, path, names)
     else:
         path = os.path.join(folder, "ensemble_simplex.png")
-        plot_simplex(tuning, how, names, path)
+        plot_simplex(tuning, how, weights, names, path)
     return path
 
 
@@ -441,9 +460,10 @@ def plot_blend(tuning, how, names, folder):
 # The whole stage
 # --------------------------------------------------------------------------------------
 def run_ensemble(pred_dir, valid_answers, out, *, models=MODELS, test_tsv=None,
-                 test_answers=None, grid=100, simplex_step=0.05, hows=HOWS, how="best", k=5,
-                 seed=0):
+                 test_answers=None, grid=100, simplex_step=0.05, hows=HOWS, how="best",
+                 weighting="best", k=5, seed=0):
     """Tune on valid, blend test, write submission.csv, ensemble.json and the plot.
+    ``how`` and ``weighting`` as ``choose_blend`` takes them.
 
     models: the members, ``{split}_pred_<model>.json`` in ``pred_dir``. test_tsv: the test
     split (default ``default_test_tsv(valid_answers)``); every one of its queries must be in
@@ -455,24 +475,28 @@ def run_ensemble(pred_dir, valid_answers, out, *, models=MODELS, test_tsv=None,
     answers = load_answers(valid_answers)
     tuning = tune_members(valid, answers, names=models, hows=hows, grid=grid,
                           simplex_step=simplex_step, k=k, seed=seed)
-    how = choose_how(tuning, how)
-    weights = tuning[how]["weights"]
+    how, weighting, weights = choose_blend(tuning, how, weighting)
     splits = {"valid": (valid, answers)}
     if test_answers:  # reported only; never used to choose weights or the normalisation
         splits["test"] = (test, load_answers(test_answers))
     table = summary_table(splits, weights, how, models)  # first: a missing test query fails
     write_submission(blend_members(test, weights, how, models), out, candidates=cands)
     folder = os.path.dirname(os.path.abspath(out))
-    png, js = plot_blend(tuning, how, models, folder), os.path.join(folder, "ensemble.json")
-    atomic_json({"how": how, "models": models, "weights": dict(zip(models, weights)),
+    png, js = plot_blend(tuning, how, weights, models, folder), \
+        os.path.join(folder, "ensemble.json")
+    estimate = tuning[how]["kfold" if weighting == "tuned" else "equal"]
+    atomic_json({"how": how, "weighting": weighting, "models": models,
+                 "weights": dict(zip(models, weights)),
                  **({"t": weights[0]} if len(models) == 2 else {}),
                  "grid": grid, "simplex_step": simplex_step, "k": k, "seed": seed,
-                 "valid_ndcg": tuning[how]["valid"], "kfold_ndcg": tuning[how]["kfold"],
+                 "valid_ndcg": tuning[how]["valid" if weighting == "tuned" else "equal"],
+                 "estimate": estimate,
                  "normalisations": {h: {x: v for x, v in r.items() if x not in ("curve", "points")}
                                     for h, r in tuning.items()},
                  "table": {c: table[c].tolist() for c in table.columns},
                  "table_rows": list(table.index), "submission": os.path.abspath(out)}, js)
-    return {"how": how, "models": models, "weights": weights, "tuning": tuning,
+    return {"how": how, "weighting": weighting, "models": models, "weights": weights,
+            "estimate": estimate, "tuning": tuning,
             "tuning_table": tuning_table(tuning, models), "table": table, "submission": out,
             "png": png, "json": js}
 
@@ -505,7 +529,10 @@ def parse_args(argv=None):
                    help="weight step on the simplex (3 or more members)")
     p.add_argument("--normalisations", nargs="+", default=list(HOWS), choices=HOWS)
     p.add_argument("--how", default="best", choices=("best",) + HOWS,
-                   help="normalisation to submit; best = highest k-fold estimate")
+                   help="normalisation to submit; best: see --weighting")
+    p.add_argument("--weighting", default="best", choices=("best",) + WEIGHTINGS,
+                   help="tuned: the weights best on valid; equal: 1/N each; best: the higher "
+                        "of the tuned weights' k-fold estimate and equal weights' valid score")
     p.add_argument("--k", type=int, default=5, help="folds of the honest estimate")
     p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     return p.parse_args(argv)
@@ -516,8 +543,8 @@ def main(argv=None):
     try:
         r = run_ensemble(a.pred_dir, a.valid_answers, a.out, models=a.models.split(","),
                          test_tsv=a.test_tsv, test_answers=a.test_answers, grid=a.grid,
-                         simplex_step=a.simplex_step, hows=a.normalisations, how=a.how, k=a.k,
-                         seed=a.seed)
+                         simplex_step=a.simplex_step, hows=a.normalisations, how=a.how,
+                         weighting=a.weighting, k=a.k, seed=a.seed)
     except (DataError, ValueError) as e:
         sys.exit("error: %s" % e)
     print(r["tuning_table"].to_string(float_format="%.4f"))

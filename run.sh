@@ -10,6 +10,9 @@
 #   WORKERS   DataLoader workers per process (default 0 with the packed store, 1 with npz)
 #   ENSEMBLE_HOW  blend normalisation: raw, zscore, rank, or best (by 5-fold estimate);
 #             default raw with PRESET=paper (the published blend), best otherwise
+#   ENSEMBLE_WEIGHTING  tuned (the weights best on valid), equal, or best (tuned weights'
+#             5-fold estimate against equal weights' valid score); default tuned with
+#             PRESET=paper, best otherwise
 #   ENSEMBLE_MODELS  the blend's members; default model1,model2 with PRESET=paper,
 #             multilabel,model1,model2,model3 otherwise
 #   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS, MODEL3_ARGS  extra flags of one stage's train.py
@@ -30,8 +33,10 @@ case "$STORE" in
 esac
 if [ "$PRESET" = paper ]; then
   ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-model1,model2}
+  ENSEMBLE_WEIGHTING=${ENSEMBLE_WEIGHTING:-tuned}
 else
   ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-multilabel,model1,model2,model3}
+  ENSEMBLE_WEIGHTING=${ENSEMBLE_WEIGHTING:-best}
 fi
 PRED="$OUT_DIR/prediction_result"
 mkdir -p "$OUT_DIR" "$PRED"
@@ -87,7 +92,7 @@ done
 TEST_ANS="$DATA_DIR/testB/testB_answer.json"; [ -f "$TEST_ANS" ] || TEST_ANS=""
 stage ensemble env ENSEMBLE_PRED_DIR="$PRED" ENSEMBLE_VALID_ANSWERS="$DATA_DIR/valid/valid_answer.json" \
   ENSEMBLE_TEST_ANSWERS="$TEST_ANS" ENSEMBLE_OUT="$PRED/submission.csv" ENSEMBLE_HOW="$ENSEMBLE_HOW" \
-  ENSEMBLE_MODELS="$ENSEMBLE_MODELS" \
+  ENSEMBLE_MODELS="$ENSEMBLE_MODELS" ENSEMBLE_WEIGHTING="$ENSEMBLE_WEIGHTING" \
   jupyter nbconvert --to notebook --execute ensemble.ipynb --output-dir "$OUT_DIR" --output ensemble.executed.ipynb
 stage retrieval python model3/retrieve.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --split valid --split testB --k 100 --out "$PRED" --rerank "$PRED/ensemble.json"
 run python summary.py --out "$OUT_DIR"

@@ -44,8 +44,8 @@ def main(argv=None):
             gallery = json.load(f)
     cols = list(ens["table"])
     chosen = ensemble.describe(ens["how"], list(ens["weights"].values()), list(ens["weights"]))
-    print("NDCG@5 (blend: %s, chosen on valid; valid k-fold estimate %.4f)"
-          % (chosen, ens["kfold_ndcg"]))
+    print("NDCG@5 (blend: %s, %s weights chosen on valid; estimate %.4f)"
+          % (chosen, ens["weighting"], ens["estimate"]))
     width = max(28, *(len(r) + 2 for r in ens["table_rows"]))
     print(" " * width + "".join("%10s" % c for c in cols))
     for i, row in enumerate(ens["table_rows"]):

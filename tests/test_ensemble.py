@@ -172,12 +172,38 @@ def test_kfold_is_deterministic_and_below_the_tuned_score():
     assert max(est) <= best + 1e-12
 
 
-def test_choose_how_by_kfold():
-    tuning = {"raw": {"kfold": 0.6}, "zscore": {"kfold": 0.7}, "rank": {"kfold": 0.7}}
-    assert ensemble.choose_how(tuning) == "zscore"  # first listed among equals
-    assert ensemble.choose_how(tuning, "rank") == "rank"
-    with pytest.raises(ValueError):
-        ensemble.choose_how({"raw": {"kfold": 0.6}}, "rank")
+def test_choose_blend_by_scores_on_unfitted_queries():
+    """Tuned weights count by their k-fold estimate, equal weights by their valid score."""
+    w = [0.7, 0.3]
+    tuning = {"raw": {"kfold": 0.6, "equal": 0.5, "weights": w},
+              "zscore": {"kfold": 0.7, "equal": 0.65, "weights": w},
+              "rank": {"kfold": 0.7, "equal": 0.72, "weights": w}}
+    choose = ensemble.choose_blend
+    assert choose(tuning, weighting="tuned") == ("zscore", "tuned", w)  # first among equals
+    assert choose(tuning) == ("rank", "equal", [0.5, 0.5])
+    assert choose(tuning, "zscore") == ("zscore", "tuned", w)
+    assert choose(tuning, "raw", "equal") == ("raw", "equal", [0.5, 0.5])
+    tuning["rank"]["equal"] = 0.7  # a tie: tuned first
+    assert choose(tuning, "rank") == ("rank", "tuned", w)
+    with pytest.raises(ValueError, match="not tuned"):
+        choose({"raw": tuning["raw"]}, "rank")
+    with pytest.raises(ValueError, match="weighting"):
+        choose(tuning, weighting="learned")
+
+
+def test_a_member_that_knows_nothing_keeps_the_tuned_weights():
+    """Beside a member that knows nothing, tuned weights leave it out and equal weights do
+    not: tuned wins. Two members alike: every weight scores the same, and tuned wins the
+    tie."""
+    p1, _, answers = random_world(n_queries=30, seed=7)
+    perfect = {q: {p: float(p in answers[q]) for p in sc} for q, sc in p1.items()}
+    tuning = ensemble.tune_members([perfect, noisy_member(p1, 1)], answers, hows=("raw",),
+                                   grid=11)
+    assert tuning["raw"]["equal"] < 0.9 < 0.99 < tuning["raw"]["kfold"]
+    assert ensemble.choose_blend(tuning)[1] == "tuned"
+    tuning = ensemble.tune_members([perfect, perfect], answers, hows=("raw",), grid=11)
+    assert tuning["raw"]["equal"] == tuning["raw"]["kfold"] == 1.0
+    assert ensemble.choose_blend(tuning) == ("raw", "tuned", tuning["raw"]["weights"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,13 +314,15 @@ def test_plots_write_a_png(tmp_path):
     p1, p2, answers = random_world(n_queries=10, seed=10)
     names = ["a", "b", "c"]
     tuning = ensemble.tune_members([p1, p2, noisy_member(p1, 4)], answers, simplex_step=0.1)
-    path = ensemble.plot_blend(tuning, "rank", names, str(tmp_path))
+    path = ensemble.plot_blend(tuning, "rank", [0.2, 0.3, 0.5], names, str(tmp_path))
     assert path == str(tmp_path / "ensemble_simplex.png")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
     tuning = ensemble.tune(p1, p2, answers, grid=11)
-    assert ensemble.plot_blend(tuning, "raw", ["a", "b"], str(tmp_path)).endswith("ensemble_t.png")
-    assert ensemble.plot_blend(tuning, "raw", ["a", "b", "c", "d"], str(tmp_path)) is None
+    assert ensemble.plot_blend(tuning, "raw", [0.5, 0.5], ["a", "b"],
+                               str(tmp_path)).endswith("ensemble_t.png")
+    assert ensemble.plot_blend(tuning, "raw", [0.5, 0.5], ["a", "b", "c", "d"],
+                               str(tmp_path)) is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,7 +430,7 @@ def test_main_cli(pred_world, capsys):
     r = ensemble.main(["--pred-dir", str(tmp / "prediction_result"), "--valid-answers",
                        str(tmp / "valid_answer.json"), "--test-tsv", str(tmp / "test.tsv"),
                        "--test-answers", str(tmp / "test_answer.json"), "--out", out,
-                       "--grid", "21"])
+                       "--grid", "21", "--weighting", "tuned"])
     report = check_outputs(out, valid, test, 21)
     assert list(r["table"].columns) == ["valid", "test"]
     assert report["table"]["test"][2] > max(report["table"]["test"][:2])  # blend beats both
@@ -420,7 +448,7 @@ def test_main_cli_three_members(pred_world, capsys):
     out = str(tmp / "out3" / "submission.csv")
     r = ensemble.main(["--pred-dir", str(pred), "--valid-answers", str(tmp / "valid_answer.json"),
                        "--test-tsv", str(tmp / "test.tsv"), "--models", ",".join(models),
-                       "--simplex-step", "0.1", "--out", out])
+                       "--simplex-step", "0.1", "--out", out, "--weighting", "tuned"])
     with open(os.path.join(os.path.dirname(out), "ensemble.json")) as f:
         report = json.load(f)
     tuning = ensemble.tune_members(list(valid[:2]) + [noisy_member(valid[0], 11)], valid[2],
@@ -429,7 +457,7 @@ def test_main_cli_three_members(pred_world, capsys):
     assert report["how"] == max(tuning, key=lambda h: tuning[h]["kfold"])
     assert list(report["weights"].values()) == tuning[report["how"]]["weights"]
     assert sum(report["weights"].values()) == pytest.approx(1.0)
-    assert all(set(n) >= {"weights", "valid", "kfold", "fold_weights"}
+    assert all(set(n) >= {"weights", "valid", "kfold", "fold_weights", "equal"}
                for n in report["normalisations"].values())
     assert report["table_rows"][:3] == models and len(report["table"]["valid"]) == 4
     assert r["png"].endswith("ensemble_simplex.png") and os.path.getsize(r["png"]) > 1000
@@ -460,7 +488,7 @@ def test_notebook_runs_unedited(pred_world):
                ENSEMBLE_VALID_ANSWERS=str(tmp / "valid_answer.json"),
                ENSEMBLE_TEST_TSV=str(tmp / "test.tsv"),
                ENSEMBLE_TEST_ANSWERS=str(tmp / "test_answer.json"), ENSEMBLE_OUT=out,
-               ENSEMBLE_GRID="21")
+               ENSEMBLE_GRID="21", ENSEMBLE_WEIGHTING="tuned")
     proc = subprocess.run(
         [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
          os.path.join(ROOT, "ensemble.ipynb"), "--output-dir", str(tmp),

@@ -43,12 +43,19 @@ def test_run_sh_end_to_end(tiny_world, tmp_path, store):
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     ens = summary["ensemble"]
-    w = np.array(list(ens["weights"].values())) / ens["simplex_step"]  # a simplex grid point
-    assert np.isclose(w.sum() * ens["simplex_step"], 1) and np.allclose(w, w.round())
-    # the small and tiny presets blend all four; weights tuned on valid: never below a member
+    # the small and tiny presets blend all four, with the weights that score higher on
+    # queries they were not fitted to: tuned (by the k-fold) or equal
     assert ens["models"] == ["multilabel", "model1", "model2", "model3"]
+    tuned = ens["normalisations"][ens["how"]]
     *members, blend = ens["table"]["valid"]
-    assert blend >= max(members) - 1e-12
+    if ens["weighting"] == "tuned":
+        w = np.array(list(ens["weights"].values())) / ens["simplex_step"]  # a grid point
+        assert np.isclose(w.sum() * ens["simplex_step"], 1) and np.allclose(w, w.round())
+        assert blend >= max(members) - 1e-12 and ens["estimate"] == tuned["kfold"]
+    else:
+        assert ens["weighting"] == "equal" and list(ens["weights"].values()) == [0.25] * 4
+        assert ens["estimate"] == tuned["equal"] >= tuned["kfold"]
+        assert blend == pytest.approx(tuned["equal"])
     assert set(summary["gallery"]["valid"]) == {"recall@10", "recall@100", "ndcg@5",
                                                 "rerank_recall@10", "rerank_recall@100",
                                                 "rerank_ndcg@5"}
