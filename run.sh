@@ -17,8 +17,10 @@
 #             multilabel,model1,model2,model3 otherwise
 #   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS, MODEL3_ARGS  extra flags of one stage's train.py
 #             (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
-#   RESUME    1: skip every stage that finished before in OUT_DIR with the same command
-#             (OUT_DIR/.stages/NAME records it); delete that file to redo one stage
+#   RESUME    1: skip each stage that finished before in OUT_DIR with the same command
+#             (OUT_DIR/.stages/NAME records it), up to the first that must run: every
+#             stage after it runs again, since it may read what changed. Delete a stage's
+#             record to redo it and what follows
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA_DIR=${DATA_DIR:-data/small}
@@ -46,14 +48,17 @@ mkdir -p "$DONE"
 : > "$TIMES"
 
 run() { echo "+ $*"; "$@"; }
+RAN=0  # a stage has run: the ones after it may not be skipped
 stage() {  # stage NAME command...: run and record the wall time and the command
   local name=$1 t0=$SECONDS; shift
-  if [ "${RESUME:-0}" = 1 ] && [ -f "$DONE/$name" ] && [ "$(tail -n +2 "$DONE/$name")" = "$*" ]; then
+  if [ "${RESUME:-0}" = 1 ] && [ "$RAN" = 0 ] && [ -f "$DONE/$name" ] \
+      && [ "$(tail -n +2 "$DONE/$name")" = "$*" ]; then
     echo "= $name: finished before with this command, skipped (RESUME=1)"
     printf '%s\t%s\n' "$name" "$(head -n 1 "$DONE/$name")" >> "$TIMES"
     return
   fi
   rm -f "$DONE/$name"
+  RAN=1
   run "$@"
   printf '%s\t%d\n' "$name" $((SECONDS - t0)) >> "$TIMES"
   printf '%d\n%s\n' $((SECONDS - t0)) "$*" > "$DONE/$name.tmp" && mv "$DONE/$name.tmp" "$DONE/$name"

@@ -10,9 +10,9 @@ figures of testB (model3's retrieval, then re-ranked by the blend) and wall time
     python bench/worlds.py --worlds hard:0:en --variant published \
         "MULTILABEL_ARGS=--transform none --input-norm 0" "MODEL1_ARGS=--p-near 0" \
         "MODEL2_ARGS=--p-near 0"
-Every run's artefacts stay under OUT/<world>/<variant>/, and run.sh runs with RESUME=1: a
-stage that finished before with the same command is not redone, so an interrupted benchmark
-resumes where it stopped.
+Every run's artefacts stay under OUT/<world>/<variant>/, and run.sh runs with RESUME=1: the
+stages that finished before with the same command, up to the first that must run, are not
+redone, so an interrupted benchmark resumes where it stopped.
 """
 import argparse
 import json
