@@ -9,11 +9,13 @@ is the official NDCG@5 on the validation answers (ranking ties broken by product
 closest to equal weights wins, then the lexicographically smaller weights (two members: the
 t closest to 0.5, then the smaller t). Tuning weights on the same queries they are scored on
 is optimistic (the published 0.7417 was measured that way), so the k-fold estimate --
-weights chosen on k-1 folds, scored on the held-out fold -- is reported beside it, and
-``how="best"`` picks the normalisation by that estimate.
+weights chosen on k-1 folds, scored on the held-out fold -- is reported beside it. Equal
+weights fit nothing, so their valid score is honest as it is. ``weighting="best"`` submits
+the higher of the two, the tuned weights' k-fold estimate or equal weights' valid score, and
+``how="best"`` picks the normalisation in the same comparison (``choose_blend``).
 
     python ensemble.py --pred-dir prediction_result --valid-answers DATA/valid/valid_answer.json \
-        [--models model1,model2] [--test-tsv DATA/testB/testB.tsv] \
+        [--models model1,model2] [--weighting best|tuned|equal] [--test-tsv DATA/testB/testB.tsv] \
         [--test-answers DATA/testB/testB_answer.json] --out prediction_result/submission.csv
 
 writes ``submission.csv``, ``ensemble.json`` (members, chosen normalisation and weights, every
@@ -199,7 +201,7 @@ def _ndcg_rows(pids, mixed, answers, k=5):
     return (hit * disc[:order.shape[1]]).sum(1) / disc[:min(len(answers), k)].sum()
 
 
-def ndcg_table(preds, answers, how, points, names=None):
+def ndcg_table(preds, answers, how, points, *, names=None):
     """Per-query NDCG@5 of the blend at every weight point -> (qids (Q,), matrix (Q, W))."""
     check_members(preds, names)
     qids = sorted(int(q) for q in answers)
@@ -261,13 +263,14 @@ def tune_members(preds, answers, *, names=None, hows=HOWS, grid=100, simplex_ste
     equal = np.full((1, len(preds)), 1.0 / len(preds))
     out = {}
     for how in hows:
-        m = ndcg_table(preds, answers, how, points, names)[1]
+        m = ndcg_table(preds, answers, how, points, names=names)[1]
         curve = m.mean(0)
         j = pick_weights(points, curve)
         est, fold_w = _kfold(points, m, k, seed)
         out[how] = {"weights": points[j].tolist(), "valid": float(curve[j]), "kfold": est,
                     "fold_weights": fold_w,
-                    "equal": float(ndcg_table(preds, answers, how, equal, names)[1].mean()),
+                    "equal": float(ndcg_table(preds, answers, how, equal,
+                                              names=names)[1].mean()),
                     "curve": curve, "points": points}
         if len(preds) == 2:
             out[how].update(t=float(points[j, 0]), fold_t=[w[0] for w in fold_w])
@@ -390,7 +393,7 @@ def tuning_table(tuning, names=MODELS):
     return pd.DataFrame(rows).T
 
 
-def plot_curves(tuning, how, weights, path=None, names=MODELS):
+def plot_curves(tuning, how, weights, *, path=None, names=MODELS):
     """Two members: valid NDCG@5 against t, one line per normalisation, each tuned t marked
     (o) and the submitted one (the line of ``how`` at ``weights``, *)."""
     from matplotlib.figure import Figure  # no pyplot: works headless, no global state
@@ -401,8 +404,8 @@ def plot_curves(tuning, how, weights, path=None, names=MODELS):
         line, = ax.plot(ts, r["curve"], label="%s (t=%.3f, k-fold %.4f)" % (h, r["t"], r["kfold"]),
                         lw=2.5 if h == how else 1.2)
         ax.plot([r["t"]], [r["valid"]], "o", color=line.get_color(), ms=8)
-        if h == how:
-            ax.plot([weights[0]], [np.interp(weights[0], ts, r["curve"])], "*",
+        if h == how:  # the tuned t, or equal weights (0.5, maybe between grid points)
+            ax.plot([weights[0]], [r["valid"] if weights[0] == r["t"] else r["equal"]], "*",
                     color=line.get_color(), ms=14)
     ax.axvline(weights[0], color="grey", ls=":", lw=1)
     ax.set(xlabel="t (weight of %s)" % names[0], ylabel="valid NDCG@5",
@@ -414,7 +417,7 @@ def plot_curves(tuning, how, weights, path=None, names=MODELS):
     return fig
 
 
-def plot_simplex(tuning, how, weights, names, path=None):
+def plot_simplex(tuning, how, weights, *, names, path=None):
     """Three members: valid NDCG@5 over the weight triangle (barycentric coordinates; a corner
     is one member alone), one panel per normalisation, each tuned point marked (o) and the
     submitted one (``weights`` in the panel of ``how``, *)."""
@@ -441,7 +444,7 @@ def plot_simplex(tuning, how, weights, names, path=None):
     return fig
 
 
-def plot_blend(tuning, how, weights, names, folder):
+def plot_blend(tuning, how, weights, *, names, folder):
     """The t curve (``ensemble_t.png``, two members) or the weight triangle
     (``ensemble_simplex.png``, three) in ``folder``, the submitted ``weights`` marked -> its
     path; None for more members."""
@@ -449,10 +452,10 @@ def plot_blend(tuning, how, weights, names, folder):
         return None
     if len(names) == 2:
         path = os.path.join(folder, "ensemble_t.png")
-        plot_curves(tuning, how, weights, path, names)
+        plot_curves(tuning, how, weights, path=path, names=names)
     else:
         path = os.path.join(folder, "ensemble_simplex.png")
-        plot_simplex(tuning, how, weights, names, path)
+        plot_simplex(tuning, how, weights, names=names, path=path)
     return path
 
 
@@ -469,7 +472,7 @@ def run_ensemble(pred_dir, valid_answers, out, *, models=MODELS, test_tsv=None,
     split (default ``default_test_tsv(valid_answers)``); every one of its queries must be in
     the test predictions.
     """
-    models = list(models)
+    models = [m.strip() for m in models if m.strip()]  # "model1, model2" from a command line
     valid, test = load_members(pred_dir, "valid", models), load_members(pred_dir, "test", models)
     cands = candidates_of_test_split(test[0], test_tsv or default_test_tsv(valid_answers))
     answers = load_answers(valid_answers)
@@ -482,7 +485,7 @@ def run_ensemble(pred_dir, valid_answers, out, *, models=MODELS, test_tsv=None,
     table = summary_table(splits, weights, how, models)  # first: a missing test query fails
     write_submission(blend_members(test, weights, how, models), out, candidates=cands)
     folder = os.path.dirname(os.path.abspath(out))
-    png, js = plot_blend(tuning, how, weights, models, folder), \
+    png, js = plot_blend(tuning, how, weights, names=models, folder=folder), \
         os.path.join(folder, "ensemble.json")
     estimate = tuning[how]["kfold" if weighting == "tuned" else "equal"]
     atomic_json({"how": how, "weighting": weighting, "models": models,

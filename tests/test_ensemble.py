@@ -314,15 +314,16 @@ def test_plots_write_a_png(tmp_path):
     p1, p2, answers = random_world(n_queries=10, seed=10)
     names = ["a", "b", "c"]
     tuning = ensemble.tune_members([p1, p2, noisy_member(p1, 4)], answers, simplex_step=0.1)
-    path = ensemble.plot_blend(tuning, "rank", [0.2, 0.3, 0.5], names, str(tmp_path))
+    path = ensemble.plot_blend(tuning, "rank", [0.2, 0.3, 0.5], names=names,
+                               folder=str(tmp_path))
     assert path == str(tmp_path / "ensemble_simplex.png")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
     tuning = ensemble.tune(p1, p2, answers, grid=11)
-    assert ensemble.plot_blend(tuning, "raw", [0.5, 0.5], ["a", "b"],
-                               str(tmp_path)).endswith("ensemble_t.png")
-    assert ensemble.plot_blend(tuning, "raw", [0.5, 0.5], ["a", "b", "c", "d"],
-                               str(tmp_path)) is None
+    assert ensemble.plot_blend(tuning, "raw", [0.5, 0.5], names=["a", "b"],
+                               folder=str(tmp_path)).endswith("ensemble_t.png")
+    assert ensemble.plot_blend(tuning, "raw", [0.5, 0.5], names=["a", "b", "c", "d"],
+                               folder=str(tmp_path)) is None
 
 
 # ---------------------------------------------------------------------------------------
