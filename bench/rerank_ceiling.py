@@ -88,7 +88,8 @@ def figures(rankings, answers, *, k):
     """{name: rankings} -> {name: gallery metrics + NDCG@5 / the brute force's}."""
     out = {name: retrieve.gallery_metrics(preds, answers, k) for name, preds in rankings.items()}
     for m in out.values():
-        m["ndcg@5 / brute force"] = m["ndcg@5"] / out["brute force"]["ndcg@5"]
+        brute = out["brute force"]["ndcg@5"]
+        m["ndcg@5 / brute force"] = m["ndcg@5"] / brute if brute else float("nan")
     return out
 
 

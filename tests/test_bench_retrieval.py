@@ -6,6 +6,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import pytest  # noqa: E402
+
 import retrieval  # noqa: E402
 
 FIELDS = {"index", "setting", "build_s", "peak_mb", "batched_qps", "single_qps", "single_n",
@@ -13,6 +15,7 @@ FIELDS = {"index", "setting", "build_s", "peak_mb", "batched_qps", "single_qps",
 
 
 def test_tiny_gallery(tmp_path, capsys):
+    pytest.importorskip("faiss")
     results = retrieval.main([
         "--n", "2000", "--queries", "20", "--dim", "32", "--in-process",
         "--scratch", str(tmp_path), "--hnsw-ef", "100", "--nlist", "40", "--ivf-nprobe", "2", "40",
