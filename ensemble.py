@@ -10,9 +10,9 @@ closest to equal weights wins, then the lexicographically smaller weights (two m
 t closest to 0.5, then the smaller t). Tuning weights on the same queries they are scored on
 is optimistic (the published 0.7417 was measured that way), so the k-fold estimate --
 weights chosen on k-1 folds, scored on the held-out fold -- is reported beside it. Equal
-weights fit nothing, so their valid score is honest as it is. ``weighting="best"`` submits
-the higher of the two, the tuned weights' k-fold estimate or equal weights' valid score, and
-``how="best"`` picks the normalisation in the same comparison (``choose_blend``).
+weights fit nothing, so their valid score is honest as it is. ``how="best"`` picks the
+normalisation by the tuned weights' k-fold estimate; with ``weighting="best"`` (not the
+default) equal weights, judged by their valid score, compete too (``choose_blend``).
 
     python ensemble.py --pred-dir prediction_result --valid-answers DATA/valid/valid_answer.json \
         [--models model1,model2] [--weighting best|tuned|equal] [--test-tsv DATA/testB/testB.tsv] \
@@ -464,7 +464,7 @@ def plot_blend(tuning, how, weights, *, names, folder):
 # --------------------------------------------------------------------------------------
 def run_ensemble(pred_dir, valid_answers, out, *, models=MODELS, test_tsv=None,
                  test_answers=None, grid=100, simplex_step=0.05, hows=HOWS, how="best",
-                 weighting="best", k=5, seed=0):
+                 weighting="tuned", k=5, seed=0):
     """Tune on valid, blend test, write submission.csv, ensemble.json and the plot.
     ``how`` and ``weighting`` as ``choose_blend`` takes them.
 
@@ -533,9 +533,10 @@ def parse_args(argv=None):
     p.add_argument("--normalisations", nargs="+", default=list(HOWS), choices=HOWS)
     p.add_argument("--how", default="best", choices=("best",) + HOWS,
                    help="normalisation to submit; best: see --weighting")
-    p.add_argument("--weighting", default="best", choices=("best",) + WEIGHTINGS,
-                   help="tuned: the weights best on valid; equal: 1/N each; best: the higher "
-                        "of the tuned weights' k-fold estimate and equal weights' valid score")
+    p.add_argument("--weighting", default="tuned", choices=("best",) + WEIGHTINGS,
+                   help="tuned: the weights best on valid (default); equal: 1/N each; best: "
+                        "the higher of the tuned weights' k-fold estimate and equal weights' "
+                        "valid score")
     p.add_argument("--k", type=int, default=5, help="folds of the honest estimate")
     p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     return p.parse_args(argv)

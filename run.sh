@@ -10,9 +10,8 @@
 #   WORKERS   DataLoader workers per process (default 0 with the packed store, 1 with npz)
 #   ENSEMBLE_HOW  blend normalisation: raw, zscore, rank, or best (by 5-fold estimate);
 #             default raw with PRESET=paper (the published blend), best otherwise
-#   ENSEMBLE_WEIGHTING  tuned (the weights best on valid), equal, or best (tuned weights'
-#             5-fold estimate against equal weights' valid score); default tuned with
-#             PRESET=paper, best otherwise
+#   ENSEMBLE_WEIGHTING  tuned (the weights best on valid; default), equal, or best (tuned
+#             weights' 5-fold estimate against equal weights' valid score)
 #   ENSEMBLE_MODELS  the blend's members; default model1,model2 with PRESET=paper,
 #             multilabel,model1,model2,model3 otherwise
 #   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS, MODEL3_ARGS  extra flags of one stage's train.py
@@ -35,11 +34,10 @@ case "$STORE" in
 esac
 if [ "$PRESET" = paper ]; then
   ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-model1,model2}
-  ENSEMBLE_WEIGHTING=${ENSEMBLE_WEIGHTING:-tuned}
 else
   ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-multilabel,model1,model2,model3}
-  ENSEMBLE_WEIGHTING=${ENSEMBLE_WEIGHTING:-best}
 fi
+ENSEMBLE_WEIGHTING=${ENSEMBLE_WEIGHTING:-tuned}
 PRED="$OUT_DIR/prediction_result"
 mkdir -p "$OUT_DIR" "$PRED"
 TIMES="$OUT_DIR/stage_times.tsv"
