@@ -322,12 +322,15 @@ def recall(rows, truth):
 
 
 def command(a):
+    """The command line of this run: every option that differs from its default."""
+    default = vars(parse_args([]))
     parts = ["python bench/retrieval.py"]
-    parts += ["--ckpt %s" % a.ckpt] if a.ckpt else ["--queries %d" % a.queries]
-    parts += ["--data %s" % a.data] if a.data else []
-    parts += ["--split %s" % a.split] if a.ckpt and a.split != "valid" else []
-    parts += ["--n %d --threads %d --hnsw-ef %s --ivf-nprobe %s" % (
-        a.n, a.threads, " ".join(map(str, a.hnsw_ef)), " ".join(map(str, a.ivf_nprobe)))]
+    for key, value in vars(a).items():
+        if key in ("child", "gallery_file", "queries_file", "scratch") or value == default[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else "%s %s" % (
+            flag, " ".join(map(str, value)) if isinstance(value, list) else value))
     return " ".join(parts)
 
 

@@ -33,5 +33,6 @@ def test_tiny_gallery(tmp_path, capsys):
     assert by["ivf", "nprobe 40"]["recall"] > 0.99 > by["ivf", "nprobe 2"]["recall"]
     out = capsys.readouterr().out
     assert "| index | setting | build s | peak RSS MB |" in out
-    assert "reproduce: python bench/retrieval.py" in out
+    assert "reproduce: python bench/retrieval.py --n 2000 --queries 20 --dim 32 --threads 1 " \
+        "--hnsw-ef 100 --nlist 40 --ivf-nprobe 2 40 --repeats 1 --single 5 --in-process" in out
     assert os.listdir(tmp_path) == []  # the scratch folder is removed
