@@ -1,7 +1,7 @@
 """Retrieval at a million products: exact search against faiss's approximate indexes.
 
     python bench/retrieval.py --ckpt RUN/model3/best.pt [--data DATA] [--n 1000000] \
-        [--threads 2] [--hnsw-ef 128 256 512] [--ivf-nprobe 16 32 64 128 256] \
+        [--threads 2] [--hnsw-ef 128 160 192] [--ivf-nprobe 16 32 64 128 256] \
         [--single 200] [--scratch /var/tmp] [--in-process]
     python bench/retrieval.py --n 1000000 --queries 1000      # no checkpoint
 
@@ -30,8 +30,8 @@ tensor). Each reports:
   running top K) that the index returns in its top K, averaged over the queries.
 
 Indexes: ``exact`` (``retrieve.exact_search``), ``flat`` (faiss IndexFlatIP, what
-``--index faiss`` builds), ``hnsw`` (IndexHNSWFlat, M = ``--hnsw-m`` (32, as ``--index
-hnsw``), efConstruction ``--hnsw-efc``, one row per efSearch; faiss searches with
+``--index faiss`` builds), ``hnsw`` (IndexHNSWFlat, M = ``--hnsw-m`` and efConstruction
+``--hnsw-efc`` (32 and 128, as ``--index hnsw``), one row per efSearch; faiss searches with
 max(efSearch, K)), ``ivf`` (IndexIVFFlat, nlist = ``--nlist`` or 4 sqrt(N), one row per
 nprobe). The goal: Recall@100 >= ``--goal-recall`` at >= ``--goal-qps`` queries/s batched
 with a peak RSS under ``--goal-mb``; each row says whether it meets it. bench/README.md.
@@ -279,8 +279,9 @@ def parse_args(argv=None):
     p.add_argument("--index", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--threads", type=int, default=2, help="torch and faiss (OpenMP) threads")
     p.add_argument("--hnsw-m", type=int, default=32)
-    p.add_argument("--hnsw-efc", type=int, default=40, help="efConstruction (faiss's default)")
-    p.add_argument("--hnsw-ef", type=int, nargs="+", default=[128, 256, 512])
+    p.add_argument("--hnsw-efc", type=int, default=128,
+                   help="efConstruction (128, as --index hnsw; faiss's default: 40)")
+    p.add_argument("--hnsw-ef", type=int, nargs="+", default=[128, 160, 192])
     p.add_argument("--nlist", type=int, help="IVF lists (default 4 sqrt(N))")
     p.add_argument("--ivf-nprobe", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     p.add_argument("--ivf-train", type=int, default=40, help="training rows per list")

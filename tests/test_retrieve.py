@@ -82,6 +82,8 @@ def test_faiss_flat_equals_the_exact_search():
     assert torch.equal(f_rows, rows) and torch.allclose(f_scores, scores, atol=1e-5)
     h_scores, h_rows = retrieve.faiss_search(queries, gallery, 10, hnsw=True)
     assert h_rows.shape == (20, 10) and (h_rows[:, 0] == rows[:, 0]).float().mean() > 0.9
+    hnsw = retrieve.faiss_index(16, hnsw=True).hnsw  # the settings bench/README.md measured
+    assert (hnsw.efConstruction, hnsw.efSearch) == (128, 160)
 
 
 # ---------------------------------------------------------------------------------------
