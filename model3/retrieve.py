@@ -85,7 +85,10 @@ HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 128, 160
 def faiss_index(dim, hnsw=False):
     """An empty IndexFlatIP, or with ``hnsw`` an IndexHNSWFlat with the settings above
     (faiss searches with max(efSearch, K))."""
-    import faiss
+    try:
+        import faiss
+    except ImportError:
+        raise utils.DataError("--index faiss/hnsw needs faiss: pip install faiss-cpu") from None
     if not hnsw:
         return faiss.IndexFlatIP(dim)
     index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
@@ -96,10 +99,6 @@ def faiss_index(dim, hnsw=False):
 def faiss_search(queries, gallery, k, hnsw=False):
     """The same through faiss: IndexFlatIP (exact; ties in faiss's order) or, with ``hnsw``,
     IndexHNSWFlat (approximate; a row it cannot fill is -1)."""
-    try:
-        import faiss
-    except ImportError:
-        raise utils.DataError("--index faiss/hnsw needs faiss: pip install faiss-cpu") from None
     check_k(k, len(gallery))
     g = np.ascontiguousarray(gallery.cpu().numpy(), np.float32)
     index = faiss_index(g.shape[1], hnsw)
