@@ -263,15 +263,15 @@ def tune_members(preds, answers, *, names=None, hows=HOWS, grid=100, simplex_ste
     equal = np.full((1, len(preds)), 1.0 / len(preds))
     out = {}
     for how in hows:
-        m = ndcg_table(preds, answers, how, points, names=names)[1]
+        # equal weights as one more column of the same table: the members are stacked once
+        m = ndcg_table(preds, answers, how, np.vstack([points, equal]), names=names)[1]
+        m, equal_score = m[:, :-1], float(m[:, -1].mean())
         curve = m.mean(0)
         j = pick_weights(points, curve)
         est, fold_w = _kfold(points, m, k, seed)
         out[how] = {"weights": points[j].tolist(), "valid": float(curve[j]), "kfold": est,
-                    "fold_weights": fold_w,
-                    "equal": float(ndcg_table(preds, answers, how, equal,
-                                              names=names)[1].mean()),
-                    "curve": curve, "points": points}
+                    "fold_weights": fold_w, "equal": equal_score, "curve": curve,
+                    "points": points}
         if len(preds) == 2:
             out[how].update(t=float(points[j, 0]), fold_t=[w[0] for w in fold_w])
     return out
@@ -280,6 +280,12 @@ def tune_members(preds, answers, *, names=None, hows=HOWS, grid=100, simplex_ste
 def tune(p1, p2, answers, *, hows=HOWS, grid=100, k=5, seed=0):
     """Two models: ``tune_members`` with t = the weight of model1."""
     return tune_members([p1, p2], answers, hows=hows, grid=grid, k=k, seed=seed)
+
+
+def honest_score(result, weighting):
+    """A normalisation's score on queries its weights were not fitted to: the tuned weights'
+    k-fold estimate, or equal weights' valid score."""
+    return result["kfold" if weighting == "tuned" else "equal"]
 
 
 def choose_blend(tuning, how="best", weighting="best"):
@@ -293,8 +299,7 @@ def choose_blend(tuning, how="best", weighting="best"):
         raise ValueError("weighting must be best or one of %s, got %r" % (WEIGHTINGS, weighting))
     cands = [(h, w) for h in (tuning if how == "best" else [how])
              for w in (WEIGHTINGS if weighting == "best" else [weighting])]
-    h, w = max(cands, key=lambda c: (tuning[c[0]]["kfold" if c[1] == "tuned" else "equal"],
-                                     -cands.index(c)))
+    h, w = max(cands, key=lambda c: (honest_score(tuning[c[0]], c[1]), -cands.index(c)))
     n = len(tuning[h]["weights"])
     return h, w, tuning[h]["weights"] if w == "tuned" else [1.0 / n] * n
 
@@ -487,7 +492,7 @@ def run_ensemble(pred_dir, valid_answers, out, *, models=MODELS, test_tsv=None,
     folder = os.path.dirname(os.path.abspath(out))
     png, js = plot_blend(tuning, how, weights, names=models, folder=folder), \
         os.path.join(folder, "ensemble.json")
-    estimate = tuning[how]["kfold" if weighting == "tuned" else "equal"]
+    estimate = honest_score(tuning[how], weighting)
     atomic_json({"how": how, "weighting": weighting, "models": models,
                  "weights": dict(zip(models, weights)),
                  **({"t": weights[0]} if len(models) == 2 else {}),

@@ -87,8 +87,8 @@ def top_in_k(full, retrieved, n=5):
 def figures(rankings, answers, *, k):
     """{name: rankings} -> {name: gallery metrics + NDCG@5 / the brute force's}."""
     out = {name: retrieve.gallery_metrics(preds, answers, k) for name, preds in rankings.items()}
+    brute = out["brute force"]["ndcg@5"]
     for m in out.values():
-        brute = out["brute force"]["ndcg@5"]
         m["ndcg@5 / brute force"] = m["ndcg@5"] / brute if brute else float("nan")
     return out
 

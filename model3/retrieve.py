@@ -77,8 +77,8 @@ def exact_search(queries, gallery, k, chunk=16384):
     return scores, LOW32 - (keys & LOW32)
 
 
-# HNSW: links per node, and the candidate lists of building and of searching. At 1,000,000
-# products of 256 dimensions they find 0.96 of the exact top 100 (bench/README.md, section 8)
+# HNSW: links per node, and the candidate lists of building and of searching, as measured
+# at a million products in bench/README.md (section 8)
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 128, 160
 
 
