@@ -1,7 +1,8 @@
 """model3, the dual encoder: shapes and unit norm, the loss by hand (same-query pairs are
-not negatives; fixed unit vectors by log-sum-exp), which rows of the all-gather carry
-gradient, the presets; slow: a batch split across two gloo processes against one process
-(the same loss; the gradient of the other rank's rows as constants), a tiny world learns,
+not negatives; fixed unit vectors by log-sum-exp), the all-gather's backward returning
+each rank the gradient on its rows, the presets; slow: a batch split across two gloo
+processes against one process on the whole batch (the same loss and gradients), a tiny
+world learns,
 validation writes both files, two gloo processes keep identical replicas."""
 import argparse
 import json
