@@ -149,13 +149,6 @@ def blend_members(preds, weights, how="raw", names=None):
             for q, (pids, s) in _stack(preds, sorted(preds[0]), how).items()}
 
 
-def blend(p1, p2, t, how="raw"):
-    """t * model1 + (1 - t) * model2 per candidate: ``blend_members`` of two models."""
-    if not 0.0 <= t <= 1.0:
-        raise ValueError("t must lie in [0, 1], got %r" % t)
-    return blend_members([p1, p2], [t, 1.0 - t], how)
-
-
 def score(preds, answers):
     """Official NDCG@5 of {qid: {pid: score}} over every query of ``answers``."""
     return ndcg_at_k({q: list(s.items()) for q, s in preds.items()}, answers)
@@ -215,13 +208,6 @@ def ndcg_table(preds, answers, how, points, *, names=None):
     return np.array(qids, np.int64), m
 
 
-def ndcg_matrix(p1, p2, answers, how, grid=100):
-    """Two models: per-query NDCG@5 at every grid t -> (qids (Q,), ts (T,), matrix (Q, T))."""
-    points = weight_grid(2, grid=grid)
-    qids, m = ndcg_table([p1, p2], answers, how, points)
-    return qids, points[:, 0], m
-
-
 def pick_weights(points, curve):
     """Index of the best curve value; ties -> the point closest to equal weights, then the
     lexicographically smaller weights."""
@@ -229,11 +215,6 @@ def pick_weights(points, curve):
     # rounded: 1/3 and 2/3 must count as equally far from 0.5 despite float error
     dist = np.round(np.linalg.norm(points - 1.0 / points.shape[1], axis=1), 9)
     return int(min(best, key=lambda j: (dist[j], tuple(points[j]))))
-
-
-def pick_t(ts, curve):
-    """Two models: index of the best t; ties -> t closest to 0.5, then the smaller t."""
-    return pick_weights(np.stack([ts, 1.0 - ts], 1), curve)
 
 
 def _kfold(points, m, k, seed):
@@ -275,11 +256,6 @@ def tune_members(preds, answers, *, names=None, hows=HOWS, grid=100, simplex_ste
         if len(preds) == 2:
             out[how].update(t=float(points[j, 0]), fold_t=[w[0] for w in fold_w])
     return out
-
-
-def tune(p1, p2, answers, *, hows=HOWS, grid=100, k=5, seed=0):
-    """Two models: ``tune_members`` with t = the weight of model1."""
-    return tune_members([p1, p2], answers, hows=hows, grid=grid, k=k, seed=seed)
 
 
 def honest_score(result, weighting):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ensemble
-from ensemble import blend, normalise, write_submission
+from ensemble import normalise, write_submission
 from metric import load_predictions, ndcg_at_k, rank
 from rows import make_row, write_tsv
 from tsv import DataError
@@ -19,15 +19,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISS = 1 / math.log2(3)  # NDCG@5 of a single answer ranked second
 
 
+def blend(p1, p2, t, how="raw"):
+    """t * model1 + (1 - t) * model2 per candidate: the published two-model blend."""
+    return ensemble.blend_members([p1, p2], [t, 1.0 - t], how)
+
+
+def tune(p1, p2, answers, **kw):
+    """``ensemble.tune_members`` of two models, whose "t" is model1's weight."""
+    return ensemble.tune_members([p1, p2], answers, **kw)
+
+
 def search_t(p1, p2, answers, how="raw", grid=100):
-    """-> (t tuned on all of ``answers``, curve (grid,)): what ``ensemble.tune`` reports."""
-    _, ts, m = ensemble.ndcg_matrix(p1, p2, answers, how, grid)
-    curve = m.mean(0)
-    return float(ts[ensemble.pick_t(ts, curve)]), curve
+    """-> (t tuned on all of ``answers``, curve (grid,)): what ``tune`` reports as "t"."""
+    points = ensemble.weight_grid(2, grid=grid)
+    curve = ensemble.ndcg_table([p1, p2], answers, how, points)[1].mean(0)
+    return float(points[ensemble.pick_weights(points, curve), 0]), curve
 
 
 def kfold_estimate(p1, p2, answers, how="raw", k=5, seed=0, grid=100):
-    return ensemble.tune(p1, p2, answers, hows=(how,), grid=grid, k=k, seed=seed)[how]["kfold"]
+    return tune(p1, p2, answers, hows=(how,), grid=grid, k=k, seed=seed)[how]["kfold"]
 
 
 def dump(preds, path):
@@ -106,7 +116,7 @@ def test_blend_ends_are_the_single_models(how):
         assert b0 == {q: {p: float(s) for p, s in sc.items()} for q, sc in p2.items()}
     mid = blend({1: {1: 1.0, 2: 3.0}}, {1: {1: 5.0, 2: 1.0}}, 0.25, "raw")
     assert mid == {1: {1: pytest.approx(4.0), 2: pytest.approx(1.5)}}
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match=r"in \[0, 1\] summing to 1"):
         blend(p1, p2, 1.5)
 
 
@@ -275,13 +285,13 @@ def test_simplex_tie_rule_prefers_equal_weights_then_lexicographic():
 
 
 @pytest.mark.parametrize("how", ensemble.HOWS)
-def test_two_members_through_the_general_path(how):
+def test_two_members_report_t_as_model1s_weight(how):
     p1, p2, answers = random_world(n_queries=20, seed=9)
-    assert ensemble.blend_members([p1, p2], [0.3, 0.7], how) == blend(p1, p2, 0.3, how)
-    a = ensemble.tune(p1, p2, answers, hows=(how,), grid=21)[how]
-    b = ensemble.tune_members([p1, p2], answers, hows=(how,), grid=21)[how]
-    assert a["t"] == b["t"] == b["weights"][0] and a["fold_t"] == [w[0] for w in b["fold_weights"]]
-    assert a["weights"] == [a["t"], 1.0 - a["t"]] and a["kfold"] == b["kfold"]
+    r = tune(p1, p2, answers, hows=(how,), grid=21)[how]
+    assert r["weights"] == [r["t"], 1.0 - r["t"]]
+    assert r["fold_t"] == [w[0] for w in r["fold_weights"]]
+    raw = blend(p1, p2, 0.3, "raw")  # t * s1 + (1 - t) * s2, bit for bit
+    assert raw == {q: {p: 0.3 * s + 0.7 * p2[q][p] for p, s in p1[q].items()} for q in p1}
     with pytest.raises(ValueError, match="summing to 1"):
         ensemble.blend_members([p1, p2, p2], [0.5, 0.5, 0.5])
     with pytest.raises(ValueError, match="two or more"):
@@ -319,7 +329,7 @@ def test_plots_write_a_png(tmp_path):
     assert path == str(tmp_path / "ensemble_simplex.png")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
-    tuning = ensemble.tune(p1, p2, answers, grid=11)
+    tuning = tune(p1, p2, answers, grid=11)
     assert ensemble.plot_blend(tuning, "raw", [0.5, 0.5], names=["a", "b"],
                                folder=str(tmp_path)).endswith("ensemble_t.png")
     assert ensemble.plot_blend(tuning, "raw", [0.5, 0.5], names=["a", "b", "c", "d"],
@@ -414,7 +424,7 @@ def check_outputs(out, valid, test, grid):
         assert len(set(r[1:])) == 5 and {int(p) for p in r[1:]} <= set(test[0][int(r[0])])
     with open(os.path.join(os.path.dirname(out), "ensemble.json")) as f:
         report = json.load(f)
-    tuning = ensemble.tune(valid[0], valid[1], valid[2], grid=grid)
+    tuning = tune(valid[0], valid[1], valid[2], grid=grid)
     assert report["how"] == max(tuning, key=lambda h: tuning[h]["kfold"])
     t, curve = search_t(valid[0], valid[1], valid[2], report["how"], grid)
     assert report["t"] == t and report["valid_ndcg"] == pytest.approx(curve.max())
