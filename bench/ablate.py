@@ -2,24 +2,35 @@
 
 Pretraining: the feature transform x the input LayerNorm, each run's best valid NDCG@5 of
 the pretraining score. Matching: model1 and model2 trained on the run's encoder without the
-negatives one word apart (``--p-near 0``), beside the run's own model1 and model2. The
-run's own rows ("preset") are read from its logs.
+negatives one word apart (``--p-near 0``), beside the run's own model1 and model2. model3:
+the attention-pooled bag of words in place of the BiGRU text side (and the same with another
+seed, for the spread of one run); each row also gives the 5-fold estimate of the blend of
+the run's pretraining score, model1 and model2 with that model3, normalisation chosen as
+``run.sh`` chooses it. The run's own rows ("preset") are read from its logs and prediction
+files.
 
-    python bench/ablate.py --data DATA --run OUT
-OUT is a finished ``run.sh`` output folder (its info/, packed/ and multilabel/encoder.pt are
-reused); every ablation run goes to OUT/ablate/ and a finished one is not redone.
+    python bench/ablate.py --data DATA --run OUT [--stages model3]
+OUT is a finished ``run.sh`` output folder (its info/, packed/, multilabel/encoder.pt and
+prediction_result/ are reused); every ablation run goes to OUT/ablate/ and a finished one is
+not redone.
 """
 import argparse
 import json
 import os
 import subprocess
+import shutil
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ensemble  # noqa: E402
+import metric  # noqa: E402
 PRETRAIN = {"transform none, no input norm (published)": ["--transform", "none", "--input-norm", "0"],
             "sqrt only": ["--transform", "sqrt", "--input-norm", "0"],
             "input norm only": ["--transform", "none", "--input-norm", "1"]}
 MATCHING = {"p-near 0 (published)": ["--p-near", "0"]}
+MODEL3 = {"text attn": ["--text", "attn"], "text attn, seed 1": ["--text", "attn", "--seed", "1"]}
+MEMBERS = ("multilabel", "model1", "model2", "model3")
 
 
 def best_valid(out, cmd=None):
@@ -31,22 +42,28 @@ def best_valid(out, cmd=None):
         return max(json.loads(line)["valid_ndcg5"] for line in f)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--run", required=True, help="a finished run.sh OUT_DIR on DATA")
-    p.add_argument("--preset", default="small")
-    a = p.parse_args(argv)
-    common = ["--data", a.data, "--info", os.path.join(a.run, "info"), "--preset", a.preset,
-              "--store", "packed", "--packed", os.path.join(a.run, "packed"), "--workers", "0",
-              "--no-progress"]
+def blend_estimate(pred_dir, answers):
+    """The 5-fold estimate of the tuned blend of MEMBERS' valid predictions in ``pred_dir``,
+    normalisation chosen by that estimate, as ``run.sh`` blends."""
+    tuning = ensemble.tune_members(ensemble.load_members(pred_dir, "valid", MEMBERS), answers)
+    how = ensemble.choose_blend(tuning, "best", "tuned")[0]
+    return tuning[how]["kfold"]
+
+
+def pretraining_rows(a, common):
+    """The run's pretraining score and each PRETRAIN variant's best valid NDCG@5."""
     rows = [("pretraining", "preset", best_valid(os.path.join(a.run, "multilabel")))]
     for i, (name, flags) in enumerate(PRETRAIN.items()):
         out = os.path.join(a.run, "ablate", "multilabel-%d" % i)
         cmd = [sys.executable, os.path.join(ROOT, "multilabel", "train.py")] + common + flags
         rows.append(("pretraining", name, best_valid(out, cmd)))
         print("%-12s %-44s %.4f" % rows[-1], flush=True)
-    export = os.path.join(a.run, "multilabel", "encoder.pt")
+    return rows
+
+
+def matching_rows(a, common, export):
+    """The run's model1 and model2 and each MATCHING variant of them."""
+    rows = []
     for stage in ("model1", "model2"):
         rows.append((stage, "preset", best_valid(os.path.join(a.run, stage))))
         for i, (name, flags) in enumerate(MATCHING.items()):
@@ -55,7 +72,54 @@ def main(argv=None):
                 ["--export", export]
             rows.append((stage, name, best_valid(out, cmd)))
             print("%-12s %-44s %.4f" % rows[-1], flush=True)
-    with open(os.path.join(a.run, "ablate", "table.json"), "w") as f:
+    return rows
+
+
+def model3_rows(a, common, export):
+    """The run's model3 and each MODEL3 variant: its valid NDCG@5 and the blend's estimate."""
+    answers = metric.load_answers(os.path.join(a.data, "valid", "valid_answer.json"))
+    own = os.path.join(a.run, "prediction_result")
+    rows = [("model3", "preset", best_valid(os.path.join(a.run, "model3"))),
+            ("blend", "preset", blend_estimate(own, answers))]
+    for i, (name, flags) in enumerate(MODEL3.items()):
+        out = os.path.join(a.run, "ablate", "model3-%d" % i)
+        cmd = [sys.executable, os.path.join(ROOT, "model3", "train.py")] + common + flags + \
+            ["--export", export]
+        rows.append(("model3", name, best_valid(out, cmd)))
+        pred = os.path.join(out, "pred")
+        if not os.path.exists(os.path.join(pred, "valid_pred_model3.json")):
+            subprocess.run([sys.executable, os.path.join(ROOT, "model3", "validation.py"),
+                            "--ckpt", os.path.join(out, "best.pt"), "--data", a.data,
+                            "--split", "valid", "--out", pred], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for m in MEMBERS[:-1]:
+            shutil.copy(os.path.join(own, "valid_pred_%s.json" % m), pred)
+        rows.append(("blend", name, blend_estimate(pred, answers)))
+        print("%-12s %-44s %.4f / blend %.4f" % (*rows[-2], rows[-1][2]), flush=True)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--run", required=True, help="a finished run.sh OUT_DIR on DATA")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--stages", nargs="+", choices=("pretraining", "matching", "model3"),
+                   default=["pretraining", "matching", "model3"])
+    a = p.parse_args(argv)
+    common = ["--data", a.data, "--info", os.path.join(a.run, "info"), "--preset", a.preset,
+              "--store", "packed", "--packed", os.path.join(a.run, "packed"), "--workers", "0",
+              "--no-progress"]
+    export = os.path.join(a.run, "multilabel", "encoder.pt")
+    rows = []
+    if "pretraining" in a.stages:
+        rows += pretraining_rows(a, common)
+    if "matching" in a.stages:
+        rows += matching_rows(a, common, export)
+    if "model3" in a.stages:
+        rows += model3_rows(a, common, export)
+    os.makedirs(os.path.join(a.run, "ablate"), exist_ok=True)
+    with open(os.path.join(a.run, "ablate", "table-%s.json" % "-".join(a.stages)), "w") as f:
         json.dump(rows, f, indent=1)
     return rows
 
