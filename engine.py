@@ -259,6 +259,11 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
         set_rng_state(ck["rng"])
         if dist.main:
             log.info("resumed from %s at epoch %d", last, start)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if dist.main:  # this run's epochs only: none yet, or those its checkpoint holds
+        os.makedirs(args.out, exist_ok=True)
+        with utils.atomic_open(log_path) as f:
+            f.writelines(log_line(stats) for stats in history)
     ddp = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
         if dist.enabled else model
     sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
@@ -268,8 +273,6 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
                         pin_memory=dist.device.type == "cuda",
                         persistent_workers=False)
     amp_dtype, scaler = amp_setup(args.amp, dist.device)
-    if dist.main:
-        os.makedirs(args.out, exist_ok=True)
     for epoch in range(start, args.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
@@ -299,15 +302,19 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
             runtime.save_checkpoint(state, last)
             if improved or evaluate is None:
                 runtime.save_checkpoint(state, os.path.join(args.out, "best.pt"))
-            log_path = os.path.join(args.out, "log.jsonl")
             with utils.disk_full_named(log_path), open(log_path, "a") as f:
-                f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v
-                                    for k, v in stats.items()}) + "\n")
+                f.write(log_line(stats))
             log.info("epoch %d %s", epoch, json.dumps(
                 {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()
                  if k not in ("lr", "epoch")}))
         dist.barrier()
     return history
+
+
+def log_line(stats):
+    """One epoch's stats -> its line of OUT/log.jsonl."""
+    return json.dumps({k: round(v, 6) if isinstance(v, float) else v
+                       for k, v in stats.items()}) + "\n"
 
 
 @torch.no_grad()

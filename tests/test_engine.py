@@ -2,6 +2,7 @@
 checkpoint that fits the model, a non-finite loss or parameter stops training, and the loop
 reads losses back from the device every PROGRESS_EVERY steps, not at every step."""
 import argparse
+import json
 import os
 import sys
 
@@ -111,6 +112,26 @@ def test_resume_of_the_same_settings_continues_and_counts_processes(tmp_path):
     ck = runtime.load_checkpoint(os.path.join(out, "last.pt"))
     with pytest.raises(utils.DataError, match=r"trained with 1 processes \(this run: 2\)"):
         engine.check_compatible(ck, args, world=2)
+
+
+def test_the_log_holds_this_runs_epochs_only(tmp_path):
+    """A fresh run into an old folder starts log.jsonl afresh (a rerun's log used to follow
+    the earlier run's lines, and its "best" was the best of both); a resumed run keeps the
+    epochs its checkpoint holds and drops any line written after it."""
+    out = str(tmp_path / "run")
+
+    def logged():
+        with open(os.path.join(out, "log.jsonl")) as f:
+            return [json.loads(line)["epoch"] for line in f]
+    _fit(_args(out, 2))
+    _fit(_args(out, 1))
+    assert logged() == [0]
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write('{"epoch": 1, "note": "written after last.pt"}\n')
+    history = _fit(_args(out, 2, resume=True))
+    assert logged() == [0, 1] == [h["epoch"] for h in history]
+    with open(os.path.join(out, "log.jsonl")) as f:
+        assert "note" not in f.read()
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
