@@ -42,6 +42,12 @@ def best_valid(out, cmd=None):
         return max(json.loads(line)["valid_ndcg5"] for line in f)
 
 
+def valid_score(pred_dir, answers):
+    """NDCG@5 of ``pred_dir``/valid_pred_model3.json."""
+    preds = metric.load_predictions(os.path.join(pred_dir, "valid_pred_model3.json"))
+    return ensemble.score(preds, answers)
+
+
 def blend_estimate(pred_dir, answers):
     """The 5-fold estimate of the tuned blend of MEMBERS' valid predictions in ``pred_dir``,
     normalisation chosen by that estimate, as ``run.sh`` blends."""
@@ -76,25 +82,26 @@ def matching_rows(a, common, export):
 
 
 def model3_rows(a, common, export):
-    """The run's model3 and each MODEL3 variant: its valid NDCG@5 and the blend's estimate."""
+    """The run's model3 and each MODEL3 variant: the valid NDCG@5 of its prediction file
+    (validation.py's, on best.pt) and the blend's estimate with it."""
     answers = metric.load_answers(os.path.join(a.data, "valid", "valid_answer.json"))
     own = os.path.join(a.run, "prediction_result")
-    rows = [("model3", "preset", best_valid(os.path.join(a.run, "model3"))),
+    rows = [("model3", "preset", valid_score(own, answers)),
             ("blend", "preset", blend_estimate(own, answers))]
     for i, (name, flags) in enumerate(MODEL3.items()):
         out = os.path.join(a.run, "ablate", "model3-%d" % i)
-        cmd = [sys.executable, os.path.join(ROOT, "model3", "train.py")] + common + flags + \
-            ["--export", export]
-        rows.append(("model3", name, best_valid(out, cmd)))
         pred = os.path.join(out, "pred")
         if not os.path.exists(os.path.join(pred, "valid_pred_model3.json")):
+            best_valid(out, [sys.executable, os.path.join(ROOT, "model3", "train.py")] + common +
+                       flags + ["--export", export])
             subprocess.run([sys.executable, os.path.join(ROOT, "model3", "validation.py"),
                             "--ckpt", os.path.join(out, "best.pt"), "--data", a.data,
                             "--split", "valid", "--out", pred], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for m in MEMBERS[:-1]:
             shutil.copy(os.path.join(own, "valid_pred_%s.json" % m), pred)
-        rows.append(("blend", name, blend_estimate(pred, answers)))
+        rows += [("model3", name, valid_score(pred, answers)),
+                 ("blend", name, blend_estimate(pred, answers))]
         print("%-12s %-44s %.4f / blend %.4f" % (*rows[-2], rows[-1][2]), flush=True)
     return rows
 
