@@ -17,8 +17,8 @@ not redone.
 import argparse
 import json
 import os
-import subprocess
 import shutil
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
