@@ -115,9 +115,9 @@ def test_resume_of_the_same_settings_continues_and_counts_processes(tmp_path):
 
 
 def test_the_log_holds_this_runs_epochs_only(tmp_path):
-    """A fresh run into an old folder starts log.jsonl afresh (a rerun's log used to follow
-    the earlier run's lines, and its "best" was the best of both); a resumed run keeps the
-    epochs its checkpoint holds and drops any line written after it."""
+    """A fresh run into an old folder starts log.jsonl afresh (appended, a rerun's "best"
+    would be the best of both runs); a resumed run keeps the epochs its checkpoint holds and
+    drops any line written after it."""
     out = str(tmp_path / "run")
 
     def logged():
