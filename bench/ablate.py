@@ -33,11 +33,17 @@ MODEL3 = {"text attn": ["--text", "attn"], "text attn, seed 1": ["--text", "attn
 MEMBERS = ("multilabel", "model1", "model2", "model3")
 
 
-def best_valid(out, cmd=None):
-    """Best valid NDCG@5 in OUT/log.jsonl, training first with ``cmd`` unless it finished."""
-    if cmd and not os.path.exists(os.path.join(out, "best.pt")):
+def train_once(out, cmd):
+    """Run the training command ``cmd`` into ``out`` unless it finished there before."""
+    if not os.path.exists(os.path.join(out, "best.pt")):
         subprocess.run(cmd + ["--out", out], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
+
+
+def best_valid(out, cmd=None):
+    """Best valid NDCG@5 in OUT/log.jsonl, training first with ``cmd`` unless it finished."""
+    if cmd:
+        train_once(out, cmd)
     with open(os.path.join(out, "log.jsonl")) as f:
         return max(json.loads(line)["valid_ndcg5"] for line in f)
 
@@ -92,7 +98,7 @@ def model3_rows(a, common, export):
         out = os.path.join(a.run, "ablate", "model3-%d" % i)
         pred = os.path.join(out, "pred")
         if not os.path.exists(os.path.join(pred, "valid_pred_model3.json")):
-            best_valid(out, [sys.executable, os.path.join(ROOT, "model3", "train.py")] + common +
+            train_once(out, [sys.executable, os.path.join(ROOT, "model3", "train.py")] + common +
                        flags + ["--export", export])
             subprocess.run([sys.executable, os.path.join(ROOT, "model3", "validation.py"),
                             "--ckpt", os.path.join(out, "best.pt"), "--data", a.data,

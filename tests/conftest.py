@@ -12,18 +12,17 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # one thread per process, as torchrun gives each rank: with two, a machine busy with other
 # jobs stalls every GRU step (bench/README.md, section 3), and the fast tier with it
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-SLOW_FILES = {"test_learning.py", "test_pipeline.py", "test_stages.py"}
-# the files with the longest tests go first: pytest-xdist (-n 2, --dist loadgroup) deals
-# the tests out in order as test processes come free, so the two longest start at once and
-# the rest fill in around them
-LONGEST_FIRST = ["test_learning.py", "test_pipeline.py", "test_stages.py"]
+# files whose every test is slow, longest first; they also run first: pytest-xdist (-n 2,
+# --dist loadgroup) deals the tests out in order as test processes come free, so the two
+# longest start at once and the rest fill in around them
+SLOW_FILES = ["test_learning.py", "test_pipeline.py", "test_stages.py"]
 
 
 def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
     for item in items:
-        if item.path.name in SLOW_FILES:
+        if item.path.name in rank:
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
