@@ -228,7 +228,8 @@ def check_finite(first_bad, mean_loss, recent, *, epoch, model=None):
     return got[1]
 
 
-def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_state=None):
+def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_state=None,
+        batches=None):
     """Train ``model`` for ``args.epochs``; checkpoints OUT/last.pt (each epoch) and OUT/best.pt.
 
     ``dist`` is the process group's ``runtime.Dist`` (the stage's main creates and closes it);
@@ -236,7 +237,9 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
     ``collate`` turns a list of ``dataset`` items into the batch ``model(**batch)`` reads,
     or into a flat batch that ``utils.unflatten`` pads on the training device; ``evaluate``
     (rank 0 only) returns {metric: float} after each epoch, and best.pt keeps the epoch of
-    the highest ``BEST_METRIC``; ``extra_state`` must match on resume.
+    the highest ``BEST_METRIC``; ``extra_state`` must match on resume; ``batches``, a batch
+    sampler with ``set_epoch`` that yields this rank's index lists (``sampler.GroupedBatches``),
+    replaces the default: a shuffle split across the ranks.
 
     Returns the list of per-epoch log dicts (rank 0; other ranks get theirs without eval).
     """
@@ -266,10 +269,13 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
             f.writelines(log_line(stats) for stats in history)
     ddp = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None) \
         if dist.enabled else model
-    sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
-                                 shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=collate, num_workers=args.workers,
+    if batches is None:
+        sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
+                                     shuffle=True, seed=args.seed, drop_last=True)
+        batching = dict(batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    else:
+        sampler, batching = batches, dict(batch_sampler=batches)
+    loader = DataLoader(dataset, **batching, collate_fn=collate, num_workers=args.workers,
                         pin_memory=dist.device.type == "cuda",
                         persistent_workers=False)
     amp_dtype, scaler = amp_setup(args.amp, dist.device)

@@ -21,7 +21,9 @@ from multilabel.model import load_export
 DEFAULT_EXPORT = os.path.join(utils.ROOT, "runs", "multilabel", "encoder.pt")
 
 
-def train_parser(description, presets):
+def train_parser(description, presets, *, in_batch=False):
+    """The flags of every matching stage; ``in_batch``: the stage's loss takes negatives from
+    the other rows of its batch, so their make-up is an option too (``--group-rows``)."""
     p = engine.core_parser(description, presets)
     g = p.add_argument_group("matching")
     g.add_argument("--export", default=DEFAULT_EXPORT, help="multilabel/export_model.py output")
@@ -37,6 +39,11 @@ def train_parser(description, presets):
     g.add_argument("--p-near", type=float,
                    help="probability that a negative query is one word apart (a changed or "
                         "swapped attribute) before the published draw; published: 0")
+    if in_batch:
+        g.add_argument("--group-rows", type=int,
+                       help="build each batch from runs of this many pairs whose queries share "
+                            "the last word, so most in-batch negatives are the same garment; 0: "
+                            "shuffled batches (published)")
     g.add_argument("--eval-split", default="valid")
     g.add_argument("--no-eval", action="store_true")
     return p
@@ -59,10 +66,13 @@ def train_main(args, build_model, *, fallback):
     model = build_model(encoder, word_emb, args)
     # only rank 0 evaluates: the other ranks never read the evaluation split
     evaluate = make_evaluator(args, vocab) if dist.main and not args.no_eval else None
+    batches = sampler.GroupedBatches(negatives.last_id[dataset.pair_query], args.batch_size,
+                                     args.group_rows, world=dist.world, rank=dist.rank,
+                                     seed=args.seed) if getattr(args, "group_rows", 0) else None
     # the vocabulary the frozen embeddings index: checked on resume and in load_trained
     history = engine.fit(args, model, dataset, dist=dist, groups=param_groups(model, args),
                          collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
-                         evaluate=evaluate, extra_state={"vocab": vocab.itos})
+                         evaluate=evaluate, extra_state={"vocab": vocab.itos}, batches=batches)
     dist.close()
     return history
 

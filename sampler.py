@@ -185,3 +185,50 @@ class NegativeSampler:
         j = self.negative_query(qi, rng)
         a, b = self.prod_off[j], self.prod_off[j + 1]
         return int(self.prod_flat[a + rng.integers(b - a)])
+
+
+class GroupedBatches:
+    """This rank's batches of pair indices, each global batch (every rank's rows: the
+    columns of an in-batch loss) cut from runs of ``run`` pairs of one group.
+
+    groups: (P,) the group of each pair (e.g. its query's last word). Per epoch, from
+    ``default_rng([seed, epoch])``: the pairs are shuffled, laid out group by group in a
+    random group order, cut into runs of ``run`` pairs, and the runs shuffled; every
+    ``world * batch_size`` pairs make one global batch, rank r takes its r-th slice, and the
+    remainder is dropped. Each pair is drawn at most once an epoch, and most of a row's
+    in-batch negatives share its group: a product of the same garment with other
+    attributes, where random batches hold a few. A batch sampler for torch's DataLoader.
+    """
+
+    def __init__(self, groups, batch_size, run, *, world=1, rank=0, seed=0):
+        groups = np.asarray(groups)
+        if not 1 <= run <= batch_size * world:
+            raise ValueError("a run must hold 1 to %d pairs (the global batch), got %r"
+                             % (batch_size * world, run))
+        if len(groups) < batch_size * world:
+            raise DataError("%d pairs cannot fill one global batch of %d"
+                            % (len(groups), batch_size * world))
+        _, self.gid = np.unique(groups, return_inverse=True)
+        self.gid = self.gid.reshape(-1)
+        self.batch_size, self.run, self.world, self.rank = batch_size, run, world, rank
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.gid) // (self.batch_size * self.world)
+
+    def order(self):
+        """(P,) every pair index in this epoch's order, shared by all ranks."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.gid))
+        order = order[np.argsort(rng.permutation(self.gid.max() + 1)[self.gid[order]],
+                                 kind="stable")]
+        runs = np.arange(len(order)) // self.run
+        return order[np.argsort(rng.permutation(runs[-1] + 1)[runs], kind="stable")]
+
+    def __iter__(self):
+        order, b = self.order(), self.batch_size
+        for start in range(0, len(self) * b * self.world, b * self.world):
+            yield order[start + self.rank * b:start + (self.rank + 1) * b].tolist()

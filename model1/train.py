@@ -22,7 +22,7 @@ from model1.model import PRESETS, build_model  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = matching.train_parser(__doc__.split("\n")[0], PRESETS)
+    p = matching.train_parser(__doc__.split("\n")[0], PRESETS, in_batch=True)
     g = p.add_argument_group("model1")
     g.add_argument("--hidden", type=int, help="GRU width")
     g.add_argument("--weight-hidden", type=int, help="hidden width of the word-weight MLP")

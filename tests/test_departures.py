@@ -6,6 +6,7 @@ from model1 import train as m1_train
 from model1.model import WordImageMatcher
 from model2 import train as m2_train
 from model2.model import SentenceImageMatcher
+from model3 import train as m3_train
 from multilabel import train as ml_train
 from multilabel.model import ENCODER_PRESETS, ImageEncoder
 
@@ -31,6 +32,7 @@ def test_paper_presets_leave_every_departure_off():
     assert ml["transform"] == "none" and ml["input_norm"] == 0
     assert ENCODER_PRESETS["paper"]["post_norm"] is False
     assert m1["p_near"] == 0.0 and m2["p_near"] == 0.0
+    assert m1["group_rows"] == 0 and m3_train.PRESETS["paper"]["group_rows"] == 0
     assert m2["input_norm"] == 0 and m2["h0_norm"] == 0
     assert m1.get("lr_trunk") is None and m2.get("lr_trunk") is None
     m = SentenceImageMatcher(*_parts(), input_norm=False, h0_norm=False)

@@ -225,11 +225,11 @@ def test_presets_pinned():
         return engine.apply_preset(m3_train.parse_args(["--out", "o", "--preset", preset]),
                                    m3_train.PRESETS)
     keys = ("batch_size", "lr_text", "lr_image", "lr_trunk", "weight_decay", "gamma", "epochs",
-            "p_near", "dim", "freeze_trunk", "pool", "text")
+            "p_near", "group_rows", "dim", "freeze_trunk", "pool", "text")
     assert {p: tuple(getattr(args(p), k) for k in keys) for p in ("paper", "small", "tiny")} == {
-        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 1024, 1, "attn", "attn"),
-        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 3, 0.5, 256, 1, "attn", "gru"),
-        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 32, 1, "attn", "gru")}
+        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 0, 1024, 1, "attn", "attn"),
+        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 3, 0.5, 32, 256, 1, "attn", "gru"),
+        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 4, 32, 1, "attn", "gru")}
     a = args("paper")
     with torch.device("meta"):
         m = m3_model.build_model(ImageEncoder(ENCODER_PRESETS["paper"]), torch.empty(100, 1024), a)
@@ -294,3 +294,4 @@ def test_two_process_gloo_keeps_replicas_identical(pretrained, tiny_world, tmp_p
     _torchrun("model3/train.py", _common(tiny_world, out) + ["--export", export], tmp_path)
     log = _log(out)
     assert len(log) == 2 and all(r["rank_param_maxdiff"] == 0.0 for r in log)
+

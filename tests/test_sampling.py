@@ -13,7 +13,7 @@ import metric
 import text
 import tsv
 import utils
-from sampler import NegativeSampler
+from sampler import GroupedBatches, NegativeSampler
 from tsv import DataError
 from text import BOS, EOS, PAD
 
@@ -125,6 +125,60 @@ def test_sampler_is_deterministic(world):
     assert draws(7) != draws(8)
     # the arrays a forked worker shares are numpy, not Python containers
     assert all(isinstance(v, (np.ndarray, float, str)) for v in vars(sampler).values())
+
+
+def test_grouped_batches_split_each_global_batch_across_the_ranks():
+    """Rank r's step t is the r-th slice of the t-th global batch of one shared order: every
+    pair at most once an epoch, the remainder dropped, the same with one rank of the doubled
+    batch."""
+    groups = np.repeat(np.arange(7), [30, 11, 5, 40, 1, 9, 20])          # 116 pairs
+    ranks = [GroupedBatches(groups, 8, 4, world=2, rank=r, seed=3) for r in (0, 1)]
+    one = GroupedBatches(groups, 16, 4, seed=3)
+    order = one.order()
+    assert sorted(order.tolist()) == list(range(116))
+    assert len(ranks[0]) == len(one) == 116 // 16
+    steps = list(zip(*ranks))
+    assert [a + b for a, b in steps] == list(one) == \
+        [order[i:i + 16].tolist() for i in range(0, 7 * 16, 16)]
+    drawn = [i for a, b in steps for i in a + b]
+    assert len(drawn) == len(set(drawn)) == 112
+
+
+def test_grouped_batches_are_runs_of_one_group():
+    """The order lays each group out whole and cuts it into runs: a run of `run` pairs meets
+    at most one group boundary, so a row's in-batch neighbours mostly share its group,
+    where a shuffle gives it about its group's share."""
+    groups = np.repeat(np.arange(20), 48)
+    b = GroupedBatches(groups, 32, 16, seed=0)
+    g = groups[b.order()].reshape(-1, 16)
+    assert all(len(set(r)) == 1 for r in g)         # 48 = 3 runs: no run crosses a boundary
+    for batch in b:
+        assert max(np.bincount(groups[batch])) >= 16
+    ragged = GroupedBatches(np.repeat(np.arange(9), [13, 7, 30, 2, 2, 2, 50, 11, 3]), 16, 8)
+    runs = np.array_split(np.repeat(np.arange(9), [13, 7, 30, 2, 2, 2, 50, 11, 3])[
+        ragged.order()], np.arange(8, 120, 8))
+    assert all(np.count_nonzero(np.diff(r)) <= 3 for r in runs)
+    assert sum(np.count_nonzero(np.diff(r)) for r in runs) <= 8      # 9 groups, 8 boundaries
+
+
+def test_grouped_batches_are_deterministic_per_seed_and_epoch():
+    groups = np.repeat(np.arange(5), 20)
+
+    def epoch(seed, e):
+        b = GroupedBatches(groups, 10, 5, seed=seed)
+        b.set_epoch(e)
+        return list(b)
+    assert epoch(0, 1) == epoch(0, 1)
+    assert epoch(0, 1) != epoch(0, 2) and epoch(0, 1) != epoch(1, 1)
+
+
+def test_grouped_batches_refuse_bad_sizes():
+    with pytest.raises(ValueError, match="a run must hold 1 to 8 pairs"):
+        GroupedBatches(np.zeros(20), 4, 9, world=2)
+    with pytest.raises(ValueError, match="a run must hold"):
+        GroupedBatches(np.zeros(20), 4, 0)
+    with pytest.raises(DataError, match="3 pairs cannot fill one global batch of 4"):
+        GroupedBatches(np.zeros(3), 4, 2)
 
 
 def test_pair_items(world):
