@@ -44,6 +44,9 @@ def train_parser(description, presets, *, in_batch=False):
                        help="build each batch from runs of this many pairs whose queries share "
                             "the last word, so most in-batch negatives are the same garment; 0: "
                             "shuffled batches (published)")
+        g.add_argument("--group-share", type=float,
+                       help="the share of the pairs laid out in those runs; the rest come "
+                            "singly, so every batch also holds other garments")
     g.add_argument("--eval-split", default="valid")
     g.add_argument("--no-eval", action="store_true")
     return p
@@ -67,7 +70,8 @@ def train_main(args, build_model, *, fallback):
     # only rank 0 evaluates: the other ranks never read the evaluation split
     evaluate = make_evaluator(args, vocab) if dist.main and not args.no_eval else None
     batches = sampler.GroupedBatches(negatives.last_id[dataset.pair_query], args.batch_size,
-                                     args.group_rows, world=dist.world, rank=dist.rank,
+                                     args.group_rows, share=args.group_share,
+                                     world=dist.world, rank=dist.rank,
                                      seed=args.seed) if getattr(args, "group_rows", 0) else None
     # the vocabulary the frozen embeddings index: checked on resume and in load_trained
     history = engine.fit(args, model, dataset, dist=dist, groups=param_groups(model, args),

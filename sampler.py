@@ -192,16 +192,20 @@ class GroupedBatches:
     columns of an in-batch loss) cut from runs of ``run`` pairs of one group.
 
     groups: (P,) the group of each pair (e.g. its query's last word). Per epoch, from
-    ``default_rng([seed, epoch])``: the pairs are shuffled, laid out group by group in a
-    random group order, cut into runs of ``run`` pairs, and the runs shuffled; every
-    ``world * batch_size`` pairs make one global batch, rank r takes its r-th slice, and the
-    remainder is dropped. Each pair is drawn at most once an epoch, and most of a row's
-    in-batch negatives share its group: a product of the same garment with other
-    attributes, where random batches hold a few. A batch sampler for torch's DataLoader.
+    ``default_rng([seed, epoch])``: the pairs are shuffled; a ``share`` of them is laid out
+    group by group in a random group order and cut into runs of ``run`` pairs, the rest are
+    runs of one; the runs are shuffled; every ``world * batch_size`` pairs make one global
+    batch, rank r takes its r-th slice, and the remainder is dropped. Each pair is drawn at
+    most once an epoch; a row of a run meets the rest of its run, products of the same
+    garment with other attributes, among its in-batch negatives, where a shuffled batch holds
+    a few, and the single rows keep the other garments in every batch. A batch sampler for
+    torch's DataLoader.
     """
 
-    def __init__(self, groups, batch_size, run, *, world=1, rank=0, seed=0):
+    def __init__(self, groups, batch_size, run, *, share=1.0, world=1, rank=0, seed=0):
         groups = np.asarray(groups)
+        if not 0.0 < share <= 1.0:
+            raise ValueError("the grouped share must lie in (0, 1], got %r" % (share,))
         if not 1 <= run <= batch_size * world:
             raise ValueError("a run must hold 1 to %d pairs (the global batch), got %r"
                              % (batch_size * world, run))
@@ -210,7 +214,8 @@ class GroupedBatches:
                             % (len(groups), batch_size * world))
         _, self.gid = np.unique(groups, return_inverse=True)
         self.gid = self.gid.reshape(-1)
-        self.batch_size, self.run, self.world, self.rank = batch_size, run, world, rank
+        self.batch_size, self.run, self.share = batch_size, run, float(share)
+        self.world, self.rank = world, rank
         self.seed, self.epoch = int(seed), 0
 
     def set_epoch(self, epoch):
@@ -223,9 +228,12 @@ class GroupedBatches:
         """(P,) every pair index in this epoch's order, shared by all ranks."""
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.gid))
-        order = order[np.argsort(rng.permutation(self.gid.max() + 1)[self.gid[order]],
-                                 kind="stable")]
-        runs = np.arange(len(order)) // self.run
+        k = round(self.share * len(order))
+        grouped = order[:k][np.argsort(rng.permutation(self.gid.max() + 1)[self.gid[order[:k]]],
+                                       kind="stable")]
+        runs = np.concatenate([np.arange(k) // self.run,
+                               -(-k // self.run) + np.arange(len(order) - k)])
+        order = np.concatenate([grouped, order[k:]])
         return order[np.argsort(rng.permutation(runs[-1] + 1)[runs], kind="stable")]
 
     def __iter__(self):

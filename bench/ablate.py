@@ -2,12 +2,14 @@
 
 Pretraining: the feature transform x the input LayerNorm, each run's best valid NDCG@5 of
 the pretraining score. Matching: model1 and model2 trained on the run's encoder without the
-negatives one word apart (``--p-near 0``), beside the run's own model1 and model2. model3:
-the attention-pooled bag of words in place of the BiGRU text side (and the same with another
-seed, for the spread of one run); each row also gives the 5-fold estimate of the blend of
-the run's pretraining score, model1 and model2 with that model3, normalisation chosen as
-``run.sh`` chooses it. The run's own rows ("preset") are read from its logs and prediction
-files.
+negatives one word apart (``--p-near 0``), and model1 with batches cut from runs of 16
+same-garment pairs, beside the run's own model1 and model2. model3: the attention-pooled bag
+of words in place of the BiGRU text side (and the same with another seed, for the spread of
+one run), and other make-ups of its batches (``--group-rows``, ``--group-share``); each row
+also gives the 5-fold estimate of the blend of the run's pretraining score, model1 and
+model2 with that model3, normalisation chosen as ``run.sh`` chooses it, and that model3's
+whole-gallery Recall@100 on valid (``model3/retrieve.py``). The run's own rows ("preset")
+are read from its logs and prediction files.
 
     python bench/ablate.py --data DATA --run OUT [--stages model3]
 OUT is a finished ``run.sh`` output folder (its info/, packed/, multilabel/encoder.pt and
@@ -28,8 +30,12 @@ import metric  # noqa: E402
 PRETRAIN = {"transform none, no input norm (published)": ["--transform", "none", "--input-norm", "0"],
             "sqrt only": ["--transform", "sqrt", "--input-norm", "0"],
             "input norm only": ["--transform", "none", "--input-norm", "1"]}
-MATCHING = {"p-near 0 (published)": ["--p-near", "0"]}
-MODEL3 = {"text attn": ["--text", "attn"], "text attn, seed 1": ["--text", "attn", "--seed", "1"]}
+MATCHING = {"model1": {"p-near 0 (published)": ["--p-near", "0"],
+                       "runs of 16": ["--group-rows", "16"]},
+            "model2": {"p-near 0 (published)": ["--p-near", "0"]}}
+MODEL3 = {"text attn": ["--text", "attn"], "text attn, seed 1": ["--text", "attn", "--seed", "1"],
+          "shuffled batches": ["--group-rows", "0"], "runs of 32": ["--group-rows", "32"],
+          "runs of 32, half the pairs": ["--group-rows", "32", "--group-share", "0.5"]}
 MEMBERS = ("multilabel", "model1", "model2", "model3")
 
 
@@ -76,9 +82,9 @@ def pretraining_rows(a, common):
 def matching_rows(a, common, export):
     """The run's model1 and model2 and each MATCHING variant of them."""
     rows = []
-    for stage in ("model1", "model2"):
+    for stage, variants in MATCHING.items():
         rows.append((stage, "preset", best_valid(os.path.join(a.run, stage))))
-        for i, (name, flags) in enumerate(MATCHING.items()):
+        for i, (name, flags) in enumerate(variants.items()):
             out = os.path.join(a.run, "ablate", "%s-%d" % (stage, i))
             cmd = [sys.executable, os.path.join(ROOT, stage, "train.py")] + common + flags + \
                 ["--export", export]
@@ -87,13 +93,27 @@ def matching_rows(a, common, export):
     return rows
 
 
+def gallery_recall(metrics_dir, ckpt=None, data=None):
+    """Valid whole-gallery Recall@100 from ``metrics_dir``/gallery_metrics.json, retrieving
+    with ``ckpt`` first unless it is there."""
+    path = os.path.join(metrics_dir, "gallery_metrics.json")
+    if ckpt and not os.path.exists(path):
+        subprocess.run([sys.executable, os.path.join(ROOT, "model3", "retrieve.py"), "--ckpt",
+                        ckpt, "--data", data, "--split", "valid", "--k", "100", "--out",
+                        metrics_dir], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    with open(path) as f:
+        return json.load(f)["valid"]["recall@100"]
+
+
 def model3_rows(a, common, export):
     """The run's model3 and each MODEL3 variant: the valid NDCG@5 of its prediction file
-    (validation.py's, on best.pt) and the blend's estimate with it."""
+    (validation.py's, on best.pt), the blend's estimate with it, its gallery Recall@100."""
     answers = metric.load_answers(os.path.join(a.data, "valid", "valid_answer.json"))
     own = os.path.join(a.run, "prediction_result")
     rows = [("model3", "preset", valid_score(own, answers)),
-            ("blend", "preset", blend_estimate(own, answers))]
+            ("blend", "preset", blend_estimate(own, answers)),
+            ("gallery R@100", "preset", gallery_recall(own))]
     for i, (name, flags) in enumerate(MODEL3.items()):
         out = os.path.join(a.run, "ablate", "model3-%d" % i)
         pred = os.path.join(out, "pred")
@@ -107,8 +127,11 @@ def model3_rows(a, common, export):
         for m in MEMBERS[:-1]:
             shutil.copy(os.path.join(own, "valid_pred_%s.json" % m), pred)
         rows += [("model3", name, valid_score(pred, answers)),
-                 ("blend", name, blend_estimate(pred, answers))]
-        print("%-12s %-44s %.4f / blend %.4f" % (*rows[-2], rows[-1][2]), flush=True)
+                 ("blend", name, blend_estimate(pred, answers)),
+                 ("gallery R@100", name, gallery_recall(os.path.join(out, "gallery"),
+                                                        os.path.join(out, "best.pt"), a.data))]
+        print("%-12s %-44s %.4f / blend %.4f / gallery R@100 %.4f"
+              % (*rows[-3], rows[-2][2], rows[-1][2]), flush=True)
     return rows
 
 

@@ -30,18 +30,18 @@ LOG_SCALE_INIT, LOG_SCALE_MAX = math.log(1 / 0.07), math.log(100.0)
 # model3 is not published. paper: the published matching stages' batch, text rate, decay
 # and frozen trunk; the new image layers (box embedding, projection) train at the text
 # rate, not at the 5e-6 those stages give the pretrained pooling. small: this CPU, the trunk
-# frozen, the BiGRU text side and batches of four last-word groups (each the better across
-# the worlds, docs/method.md); tiny: tests
+# frozen, the BiGRU text side and batches cut from runs of 8 same-last-word pairs (each the
+# better across the worlds, docs/method.md); tiny: tests
 PRESETS = {
     "paper": dict(batch_size=130, lr_text=1e-4, lr_image=1e-4, lr_trunk=5e-6,
-                  weight_decay=1e-6, gamma=0.95, epochs=5, p_near=0.0, group_rows=0, dim=1024,
-                  freeze_trunk=1, pool="attn", text="attn"),
+                  weight_decay=1e-6, gamma=0.95, epochs=5, p_near=0.0, dim=1024,
+                  freeze_trunk=1, pool="attn", text="attn", group_rows=0, group_share=1.0),
     "small": dict(batch_size=128, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
-                  weight_decay=1e-6, gamma=0.9, epochs=3, p_near=0.5, group_rows=32, dim=256,
-                  freeze_trunk=1, pool="attn", text="gru"),
+                  weight_decay=1e-6, gamma=0.9, epochs=3, p_near=0.5, dim=256,
+                  freeze_trunk=1, pool="attn", text="gru", group_rows=8, group_share=1.0),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
-                 weight_decay=1e-6, gamma=0.95, epochs=2, p_near=0.5, group_rows=4, dim=32,
-                 freeze_trunk=1, pool="attn", text="gru"),
+                 weight_decay=1e-6, gamma=0.95, epochs=2, p_near=0.5, dim=32,
+                 freeze_trunk=1, pool="attn", text="gru", group_rows=4, group_share=1.0),
 }
 
 

@@ -225,11 +225,11 @@ def test_presets_pinned():
         return engine.apply_preset(m3_train.parse_args(["--out", "o", "--preset", preset]),
                                    m3_train.PRESETS)
     keys = ("batch_size", "lr_text", "lr_image", "lr_trunk", "weight_decay", "gamma", "epochs",
-            "p_near", "group_rows", "dim", "freeze_trunk", "pool", "text")
+            "p_near", "dim", "freeze_trunk", "pool", "text", "group_rows", "group_share")
     assert {p: tuple(getattr(args(p), k) for k in keys) for p in ("paper", "small", "tiny")} == {
-        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 0, 1024, 1, "attn", "attn"),
-        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 3, 0.5, 32, 256, 1, "attn", "gru"),
-        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 4, 32, 1, "attn", "gru")}
+        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 1024, 1, "attn", "attn", 0, 1.0),
+        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 3, 0.5, 256, 1, "attn", "gru", 8, 1.0),
+        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 32, 1, "attn", "gru", 4, 1.0)}
     a = args("paper")
     with torch.device("meta"):
         m = m3_model.build_model(ImageEncoder(ENCODER_PRESETS["paper"]), torch.empty(100, 1024), a)

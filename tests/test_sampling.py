@@ -161,6 +161,18 @@ def test_grouped_batches_are_runs_of_one_group():
     assert sum(np.count_nonzero(np.diff(r)) for r in runs) <= 8      # 9 groups, 8 boundaries
 
 
+def test_grouped_batches_lay_out_only_their_share_in_runs():
+    """share 0.5: half the pairs come in runs of one group, half singly. Neighbours in the
+    order share a group for about 15 of 16 positions of a run and 1 in 20 elsewhere."""
+    groups = np.repeat(np.arange(20), 48)
+    same = {}
+    for share in (1.0, 0.5):
+        order = GroupedBatches(groups, 32, 16, share=share, seed=1).order()
+        assert sorted(order.tolist()) == list(range(960))
+        same[share] = (np.diff(groups[order]) == 0).mean()
+    assert same[1.0] > 0.9 and 0.35 < same[0.5] < 0.6
+
+
 def test_grouped_batches_are_deterministic_per_seed_and_epoch():
     groups = np.repeat(np.arange(5), 20)
 
@@ -177,6 +189,8 @@ def test_grouped_batches_refuse_bad_sizes():
         GroupedBatches(np.zeros(20), 4, 9, world=2)
     with pytest.raises(ValueError, match="a run must hold"):
         GroupedBatches(np.zeros(20), 4, 0)
+    with pytest.raises(ValueError, match="the grouped share must lie in"):
+        GroupedBatches(np.zeros(20), 4, 2, share=0.0)
     with pytest.raises(DataError, match="3 pairs cannot fill one global batch of 4"):
         GroupedBatches(np.zeros(3), 4, 2)
 
