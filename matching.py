@@ -44,7 +44,7 @@ def train_parser(description, presets, *, in_batch=False):
                        help="build each batch from runs of this many pairs whose queries share "
                             "the last word, so most in-batch negatives are the same garment; 0: "
                             "shuffled batches (published)")
-        g.add_argument("--group-share", type=float,
+        g.add_argument("--group-share", type=float, default=1.0,
                        help="the share of the pairs laid out in those runs; the rest come "
                             "singly, so every batch also holds other garments")
     g.add_argument("--eval-split", default="valid")

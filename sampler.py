@@ -229,8 +229,8 @@ class GroupedBatches:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.gid))
         k = round(self.share * len(order))
-        grouped = order[:k][np.argsort(rng.permutation(self.gid.max() + 1)[self.gid[order[:k]]],
-                                       kind="stable")]
+        group_rank = rng.permutation(self.gid.max() + 1)       # a random order of the groups
+        grouped = order[:k][np.argsort(group_rank[self.gid[order[:k]]], kind="stable")]
         runs = np.concatenate([np.arange(k) // self.run,
                                -(-k // self.run) + np.arange(len(order) - k)])
         order = np.concatenate([grouped, order[k:]])

@@ -12,13 +12,13 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; tiny: tests
     "paper": dict(batch_size=130, lr_text=1e-4, lr_image=5e-6, weight_decay=1e-6, gamma=0.95,
                   epochs=5, p_near=0.0, hidden=256, weight_hidden=512, margin=0.9,
-                  group_rows=0, group_share=1.0),
+                  group_rows=0),
     "small": dict(batch_size=64, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
                   epochs=4, p_near=0.5, hidden=128, weight_hidden=128, margin=0.9,
-                  group_rows=0, group_share=1.0),
+                  group_rows=0),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
                  epochs=2, p_near=0.5, hidden=32, weight_hidden=32, margin=0.9,
-                 group_rows=0, group_share=1.0),
+                 group_rows=0),
 }
 
 
