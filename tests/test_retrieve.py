@@ -310,9 +310,6 @@ def test_the_blend_and_its_checkpoints(tmp_path):
     run = str(tmp_path / "run")
     assert rerank.member_checkpoints(path, ["model1", "model2"], ["model2=x/last.pt"]) == {
         "model1": os.path.join(run, "model1", "best.pt"), "model2": "x/last.pt"}
-    hard = _write_blend(str(tmp_path / "run" / "p"), ["model3", "model3_hard"], [0.5, 0.5])
-    assert rerank.member_checkpoints(hard, *rerank.read_blend(hard)[:1]) == {
-        m: os.path.join(run, m, "best.pt") for m in ("model3", "model3_hard")}
     with pytest.raises(DataError, match="--member model3=a: want MEMBER=PATH"):
         rerank.member_checkpoints(path, ["model1", "model2"], ["model3=a"])
     with pytest.raises(DataError, match="member model4 scores only the candidates"):
@@ -390,16 +387,13 @@ def test_model3_retrieves_and_reranks_with_model1_and_pretraining(pretrained, ti
     m1_train.main(_common(tiny_world, os.path.join(run, "model1"), epochs=1) + export)
     m3_train.main(_common(tiny_world, os.path.join(run, "model3"), epochs=1) + export)
     blend = _write_blend(os.path.join(run, "prediction_result"),
-                         ["multilabel", "model1", "model3", "model3_hard"], [0.2, 0.3, 0.3, 0.2],
-                         "zscore")
+                         ["multilabel", "model1", "model3"], [0.2, 0.3, 0.5], "zscore")
     res = retrieve.main(["--ckpt", os.path.join(run, "model3", "best.pt"), "--k", "50",
                          "--out", ret, "--rerank", blend,
-                         "--member", "multilabel=" + os.path.join(pretrained, "best.pt"),
-                         "--member", "model3_hard=" + os.path.join(run, "model3", "best.pt")])
+                         "--member", "multilabel=" + os.path.join(pretrained, "best.pt")])
     assert set(res["valid"]) == {"recall@10", "ndcg@5", "rerank_recall@10", "rerank_ndcg@5"}
     assert all(0 <= v <= 1 for v in res["valid"].values())
-    assert "re-ranked by multilabel + model1 + model3 + model3_hard (zscore" in \
-        capsys.readouterr().out
+    assert "re-ranked by multilabel + model1 + model3 (zscore" in capsys.readouterr().out
     for split in ("valid", "test"):
         model3, reranked = (metric.load_predictions(os.path.join(ret, "%s_gallery_%s.json"
                                                                  % (split, name)))
