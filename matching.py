@@ -159,9 +159,6 @@ def validation_main(build_model, name, argv=None):
     p.add_argument("--export", help="encoder export (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=4096, help="pairs scored at once")
     p.add_argument("--skip-bad", action="store_true", help="skip, count and list bad rows")
-    p.add_argument("--name", default=name,
-                   help="the member name in the prediction files' names, {split}_pred_NAME.json "
-                        "(e.g. model3_hard for a second model3)")
     a = p.parse_args(argv)
     runtime.setup_logging()
     model, vocab, ck = load_trained(build_model, a.ckpt, a.export)
@@ -176,7 +173,7 @@ def validation_main(build_model, name, argv=None):
                                            skip_bad=a.skip_bad)
         answers = metric.load_answers(ans, cset.products()) if ans else None  # fail early
         preds = score_split(model, cset, device, a.batch_size)
-        fname = "%s_pred_%s.json" % ({"testB": "test"}.get(split, split), a.name)
+        fname = "%s_pred_%s.json" % ({"testB": "test"}.get(split, split), name)
         writers[fname] = functools.partial(metric.write_predictions, preds)
         line = "%s: wrote %s (%d queries, %d candidates)" % (
             split, os.path.join(a.out, fname), len(cset), len(cset.pids))

@@ -13,13 +13,9 @@
 #   ENSEMBLE_WEIGHTING  tuned (the weights best on valid; default), equal, or best (tuned
 #             weights' 5-fold estimate against equal weights' valid score)
 #   ENSEMBLE_MODELS  the blend's members; default model1,model2 with PRESET=paper,
-#             multilabel,model1,model2,model3,model3_hard otherwise
+#             multilabel,model1,model2,model3 otherwise
 #   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS, MODEL3_ARGS  extra flags of one stage's train.py
 #             (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
-#   MODEL3_HARD_ARGS  flags of model3_hard, a second model3 trained only as a blend member
-#             (model3 also searches the whole gallery), after MODEL3_ARGS; default
-#             --group-rows 32 (8 with PRESET=tiny): batches of longer same-garment runs. It
-#             is trained when ENSEMBLE_MODELS lists it
 #   RESUME    1: skip each stage that finished before in OUT_DIR with the same command
 #             (OUT_DIR/.stages/NAME records it), up to the first that must run: every
 #             stage after it runs again, since it may read what changed. Delete a stage's
@@ -39,13 +35,7 @@ esac
 if [ "$PRESET" = paper ]; then
   ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-model1,model2}
 else
-  ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}
-  ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-multilabel,model1,model2,model3,model3_hard}
-fi
-if [ "$PRESET" = tiny ]; then
-  MODEL3_HARD_ARGS=${MODEL3_HARD_ARGS:---group-rows 8}
-else
-  MODEL3_HARD_ARGS=${MODEL3_HARD_ARGS:---group-rows 32}
+  ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-multilabel,model1,model2,model3}
 fi
 ENSEMBLE_WEIGHTING=${ENSEMBLE_WEIGHTING:-tuned}
 PRED="$OUT_DIR/prediction_result"
@@ -94,7 +84,6 @@ read -ra MULTILABEL_EXTRA <<< "${MULTILABEL_ARGS:-}"
 read -ra MODEL1_EXTRA <<< "${MODEL1_ARGS:-}"
 read -ra MODEL2_EXTRA <<< "${MODEL2_ARGS:-}"
 read -ra MODEL3_EXTRA <<< "${MODEL3_ARGS:-}"
-read -ra MODEL3_HARD_EXTRA <<< "$MODEL3_HARD_ARGS"
 stage multilabel_train "${TRAIN[@]}" multilabel/train.py "${COMMON[@]}" "${MULTILABEL_EXTRA[@]}" --out "$OUT_DIR/multilabel"
 stage multilabel_export python multilabel/export_model.py --ckpt "$OUT_DIR/multilabel/best.pt" --out "$OUT_DIR/multilabel/encoder.pt"
 stage multilabel_validation python multilabel/validation.py --ckpt "$OUT_DIR/multilabel/best.pt" --data "$DATA_DIR" --captions 5 --split valid --split testB --out "$PRED"
@@ -103,10 +92,6 @@ for m in model1 model2 model3; do
   stage ${m}_train "${TRAIN[@]}" $m/train.py "${COMMON[@]}" "${!extra}" --export "$OUT_DIR/multilabel/encoder.pt" --out "$OUT_DIR/$m"
   stage ${m}_validation python $m/validation.py --ckpt "$OUT_DIR/$m/best.pt" --data "$DATA_DIR" --split valid --split testB --out "$PRED"
 done
-if [[ ",$ENSEMBLE_MODELS," == *,model3_hard,* ]]; then
-  stage model3_hard_train "${TRAIN[@]}" model3/train.py "${COMMON[@]}" "${MODEL3_EXTRA[@]}" "${MODEL3_HARD_EXTRA[@]}" --export "$OUT_DIR/multilabel/encoder.pt" --out "$OUT_DIR/model3_hard"
-  stage model3_hard_validation python model3/validation.py --ckpt "$OUT_DIR/model3_hard/best.pt" --data "$DATA_DIR" --split valid --split testB --name model3_hard --out "$PRED"
-fi
 TEST_ANS="$DATA_DIR/testB/testB_answer.json"; [ -f "$TEST_ANS" ] || TEST_ANS=""
 stage ensemble env ENSEMBLE_PRED_DIR="$PRED" ENSEMBLE_VALID_ANSWERS="$DATA_DIR/valid/valid_answer.json" \
   ENSEMBLE_TEST_ANSWERS="$TEST_ANS" ENSEMBLE_OUT="$PRED/submission.csv" ENSEMBLE_HOW="$ENSEMBLE_HOW" \

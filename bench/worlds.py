@@ -22,7 +22,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("pretraining", "model1", "model2", "model3", "model3_hard", "blend")
+STAGES = ("pretraining", "model1", "model2", "model3", "blend")
 
 
 def world_root(out, world):
@@ -92,13 +92,13 @@ def main(argv=None):
         tt = run_two_tower(data, os.path.join(a.out, world.replace(":", "-"), variants[0][0]))
         rows.append((world, "two-tower", report, tt))
     head = ("| world | run | random | class-match | pretraining valid | model1 | model2 | model3 "
-            "| model3_hard | blend | gallery testB R@100: retrieval / re-ranked | gallery testB NDCG@5 | wall s |")
+            "| blend | gallery testB R@100: retrieval / re-ranked | gallery testB NDCG@5 | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for world, name, report, r in rows:
         base = "%s / %s" % (fmt(report["valid"]["random"]), fmt(report["testB"]["random"]))
         cls = "%s / %s" % (fmt(report["valid"]["class_match"]), fmt(report["testB"]["class_match"]))
         if name == "two-tower":
-            cells = ["—"] * 5 + ["%s / %s" % (fmt(r["valid"]), fmt(r["testB"])), "—", "—",
+            cells = ["—"] * 4 + ["%s / %s" % (fmt(r["valid"]), fmt(r["testB"])), "—", "—",
                                  "%.0f" % r["wall_s"]]
         else:
             g = r["gallery"]

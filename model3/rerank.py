@@ -1,8 +1,8 @@
 """Re-ranking a retrieved top K with the blend of ``ensemble.py``.
 
 Each query's K retrieved products are scored by every member of the blend that can score
-any (query, product) pair: model1, model2, model3 and model3_hard, a second model3
-(``matching.score_split``), and the pretraining score (``multilabel``, ``rank_split``). The scores are normalised per query with
+any (query, product) pair: model1, model2, model3 (``matching.score_split``) and the
+pretraining score (``multilabel``, ``rank_split``). The scores are normalised per query with
 the blend's normalisation and mixed with its weights (``ensemble.blend_members``), a chunk
 of queries at a time: only that chunk's products have their regions in memory.
 ``model3/retrieve.py --rerank`` runs it; docs/retrieval.md.
@@ -27,7 +27,7 @@ import utils  # noqa: E402
 from multilabel.validation import load_pretrainer, rank_split  # noqa: E402
 
 BUILDERS = {"model1": model1.model.build_model, "model2": model2.model.build_model,
-            "model3": model3.model.build_model, "model3_hard": model3.model.build_model}
+            "model3": model3.model.build_model}
 PAIR_SCORERS = ("multilabel",) + tuple(BUILDERS)
 
 

@@ -1,11 +1,10 @@
 """Score every valid/test candidate with model3 and write the prediction files.
 
     python model3/validation.py --ckpt runs/model3/best.pt --split valid --split testB \
-        [--out prediction_result] [--name model3_hard]
+        [--out prediction_result]
 
 The score of a candidate is the dot product of its product vector and its query's vector.
-Writes OUT/valid_pred_NAME.json and OUT/test_pred_NAME.json (testB; NAME model3 unless
-``--name`` gives another, e.g. model3_hard for the second model3 of run.sh), each
+Writes OUT/valid_pred_model3.json and OUT/test_pred_model3.json (testB), each
 {"<query_id>": [["<product_id>", score], ...]} sorted by score, every candidate included;
 prints NDCG@5 where the split has answers.
 """
