@@ -37,7 +37,7 @@ PRESETS = {
                   weight_decay=1e-6, gamma=0.95, epochs=5, p_near=0.0, dim=1024,
                   freeze_trunk=1, pool="attn", text="attn", group_rows=0),
     "small": dict(batch_size=128, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
-                  weight_decay=1e-6, gamma=0.9, epochs=3, p_near=0.5, dim=256,
+                  weight_decay=1e-6, gamma=0.9, epochs=5, p_near=0.5, dim=256,
                   freeze_trunk=1, pool="attn", text="gru", group_rows=8),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
                  weight_decay=1e-6, gamma=0.95, epochs=2, p_near=0.5, dim=32,

@@ -228,7 +228,7 @@ def test_presets_pinned():
             "p_near", "dim", "freeze_trunk", "pool", "text", "group_rows", "group_share")
     assert {p: tuple(getattr(args(p), k) for k in keys) for p in ("paper", "small", "tiny")} == {
         "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 1024, 1, "attn", "attn", 0, 1.0),
-        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 3, 0.5, 256, 1, "attn", "gru", 8, 1.0),
+        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 5, 0.5, 256, 1, "attn", "gru", 8, 1.0),
         "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 32, 1, "attn", "gru", 4, 1.0)}
     a = args("paper")
     with torch.device("meta"):
