@@ -50,27 +50,41 @@ def recall_one(ranked, answers, k):
     return sum(p in answers for p in ranked) / min(k, len(answers))
 
 
-def _mean_over_answers(one, predictions, answers, k):
-    """Mean of ``one(ranked, answers, k)`` over every query of ``answers``.
+def _per_query(one, predictions, answers, k):
+    """{int query_id: ``one(ranked, answers, k)``} for every query of ``answers``.
 
-    predictions: {query_id: [(pid, score), ...]} (ranked here, ties by product id) or
-    {query_id: [pid, ...]} already ranked. Keys may be str or int. A query of the answer
-    file missing from the predictions is an error.
+    predictions: {query_id: [(pid, score), ...]} (ranked here, ties by product id),
+    {query_id: {pid: score}}, or {query_id: [pid, ...]} already ranked. Keys may be str or
+    int. A query of the answer file missing from the predictions is an error.
     """
     preds = {int(q): v for q, v in predictions.items()}
-    total = 0.0
+    out = {}
     for q, ans in answers.items():
         if int(q) not in preds:
             raise DataError("predictions have no entry for query %s" % q)
         v = preds[int(q)]
+        if isinstance(v, dict):
+            v = list(v.items())
         ranked = rank(v) if v and isinstance(v[0], (list, tuple)) else [int(p) for p in v]
-        total += one(ranked, ans, k)
-    return total / max(1, len(answers))
+        out[int(q)] = one(ranked, ans, k)
+    return out
+
+
+def _mean_over_answers(one, predictions, answers, k):
+    """Mean of ``one`` over every query of ``answers`` (0 for an empty answer file)."""
+    per_query = _per_query(one, predictions, answers, k)
+    return sum(per_query.values()) / max(1, len(per_query))
+
+
+def ndcg_per_query(predictions, answers, k=5):
+    """{query_id: official NDCG@k} over every query of ``answers``: what a paired
+    comparison of two rankers resamples (bench/compare.py)."""
+    return _per_query(ndcg_one, predictions, answers, k)
 
 
 def ndcg_at_k(predictions, answers, k=5):
-    """Mean official NDCG@k over every query of ``answers`` (predictions as
-    ``_mean_over_answers`` takes them): candidate lists or full-gallery rankings alike."""
+    """Mean official NDCG@k over every query of ``answers`` (predictions as ``_per_query``
+    takes them): candidate lists or full-gallery rankings alike."""
     return _mean_over_answers(ndcg_one, predictions, answers, k)
 
 

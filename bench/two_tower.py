@@ -68,7 +68,8 @@ def contrastive_loss(text, image, qi, logit_scale):
 
 
 @torch.no_grad()
-def evaluate(text_tower, image_tower, cset, answers):
+def predict(text_tower, image_tower, cset):
+    """{qid: [(pid, score), ...]} of every candidate of ``cset``."""
     text_tower.eval(), image_tower.eval()
     image = torch.empty(len(cset.pids), text_tower.proj.out_features)
     for b in cset.product_batches(512):
@@ -77,7 +78,7 @@ def evaluate(text_tower, image_tower, cset, answers):
     text = text_tower(tokens)                                             # (Q, d)
     scores = (text[torch.from_numpy(cset.pos)] * image).sum(1)
     text_tower.train(), image_tower.train()
-    return metric.ndcg_at_k(cset.predictions(scores.numpy()), answers)
+    return cset.predictions(scores.numpy())
 
 
 def parse_args(argv=None):
@@ -91,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--pred-dir", help="also write {valid,test}_pred_two_tower.json here, "
+                                      "for bench/compare.py")
     return p.parse_args(argv)
 
 
@@ -128,8 +131,11 @@ def main(argv=None):
         path, ans = os.path.join(a.data, split, split + ".tsv"), \
             os.path.join(a.data, split, split + "_answer.json")
         cset = utils.CandidateSet.from_tsv(path, vocab)
-        result[split] = round(evaluate(text_tower, image_tower, cset,
-                                       metric.load_answers(ans, cset.products())), 4)
+        preds = predict(text_tower, image_tower, cset)
+        result[split] = round(metric.ndcg_at_k(preds, metric.load_answers(ans, cset.products())), 4)
+        if a.pred_dir:
+            metric.write_predictions(preds, os.path.join(
+                a.pred_dir, "%s_pred_two_tower.json" % ("test" if split == "testB" else split)))
     result["wall_s"] = round(time.time() - t0, 1)
     print("two-tower  valid %.4f  testB %.4f  (train %.0f s, wall %.0f s)"
           % (result["valid"], result["testB"], result["train_s"], result["wall_s"]))
