@@ -2,7 +2,9 @@
 dot product, so a whole catalogue can be encoded once and searched.
 
 Image side: the exported trunk (frozen, or fine-tuned) -> plus a box embedding of each
-region (zero at the start, so pooling first sees what it was pretrained on) -> pooling over
+region (zero at the start, so pooling first sees what it was pretrained on) and, with
+``raw_path``, an MLP of the square-rooted detector features learned from scratch (also zero
+at the start), which reaches what pretraining left out of the trunk -> pooling over
 the regions (the exported attention pooling, or the mean) -> Linear -> L2 norm. Text side:
 the exported word embeddings (frozen) -> LayerNorm -> attention pooling (or a BiGRU whose
 states are attention-pooled) -> Linear -> L2 norm. The collate carries no detector class,
@@ -21,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import text
+from tsv import FEAT_DIM
 from model1.model import TextSide
 from multilabel.model import AttentionPool
 
@@ -35,13 +38,13 @@ LOG_SCALE_INIT, LOG_SCALE_MAX = math.log(1 / 0.07), math.log(100.0)
 PRESETS = {
     "paper": dict(batch_size=130, lr_text=1e-4, lr_image=1e-4, lr_trunk=5e-6,
                   weight_decay=1e-6, gamma=0.95, epochs=5, p_near=0.0, dim=1024,
-                  freeze_trunk=1, pool="attn", text="attn", group_rows=0),
+                  freeze_trunk=1, pool="attn", text="attn", group_rows=0, raw_path=0),
     "small": dict(batch_size=128, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
                   weight_decay=1e-6, gamma=0.9, epochs=5, p_near=0.5, dim=256,
-                  freeze_trunk=1, pool="attn", text="gru", group_rows=8),
+                  freeze_trunk=1, pool="attn", text="gru", group_rows=8, raw_path=0),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
                  weight_decay=1e-6, gamma=0.95, epochs=2, p_near=0.5, dim=32,
-                 freeze_trunk=1, pool="attn", text="gru", group_rows=4),
+                 freeze_trunk=1, pool="attn", text="gru", group_rows=4, raw_path=0),
 }
 
 
@@ -57,7 +60,7 @@ class ImageSide(nn.Module):
     """Regions -> (B, dim) unit vectors on the exported trunk; its pooling is kept for
     ``pool="attn"``, its output MLP (the word heads) is not used."""
 
-    def __init__(self, encoder, dim, *, pool="attn", tune_trunk=False):
+    def __init__(self, encoder, dim, *, pool="attn", tune_trunk=False, raw_path=False):
         super().__init__()
         if pool not in ("attn", "mean"):
             raise ValueError("pool must be 'attn' or 'mean', got %r" % (pool,))
@@ -67,6 +70,10 @@ class ImageSide(nn.Module):
             p.requires_grad = tune_trunk
         self.box = nn.Linear(5, d)
         nn.init.zeros_(self.box.weight), nn.init.zeros_(self.box.bias)
+        self.raw = nn.Sequential(nn.Linear(FEAT_DIM, d), nn.GELU(), nn.Linear(d, d)) \
+            if raw_path else None
+        if raw_path:
+            nn.init.zeros_(self.raw[2].weight), nn.init.zeros_(self.raw[2].bias)
         self.pool = encoder.pool if pool == "attn" else MeanPool()
         self.proj = nn.Linear(d, dim)
 
@@ -74,19 +81,24 @@ class ImageSide(nn.Module):
         """boxes (B, N, 5), feats (B, N, F), mask (B, N) -> (B, dim), unit norm."""
         with torch.set_grad_enabled(self.tune_trunk and torch.is_grad_enabled()):
             x = self.trunk(boxes, feats, mask)
-        x = self.pool(x + self.box(boxes), mask)
+        x = x + self.box(boxes)
+        if self.raw is not None:
+            x = x + self.raw(feats.clamp(min=0).sqrt())
+        x = self.pool(x, mask)
         return F.normalize(self.proj(x).float(), dim=-1)
 
 
 class DualEncoder(nn.Module):
     """ImageSide + the text side + the learned temperature."""
 
-    def __init__(self, encoder, word_emb, *, dim=256, pool="attn", text="attn", tune_trunk=False):
+    def __init__(self, encoder, word_emb, *, dim=256, pool="attn", text="attn", tune_trunk=False,
+                 raw_path=False):
         super().__init__()
         if text not in ("attn", "gru"):
             raise ValueError("text must be 'attn' or 'gru', got %r" % (text,))
         d_word = word_emb.shape[1]
-        self.encoder = ImageSide(encoder, dim, pool=pool, tune_trunk=tune_trunk)
+        self.encoder = ImageSide(encoder, dim, pool=pool, tune_trunk=tune_trunk,
+                                 raw_path=raw_path)
         # gru: model1's text side (LayerNorm, 2-layer BiGRU, directions averaged, packed)
         self.text = TextSide(word_emb, d_word, gru=text == "gru")
         self.text_norm = nn.LayerNorm(d_word) if text == "attn" else nn.Identity()
@@ -193,4 +205,4 @@ def build_model(encoder, word_emb, args):
     """The dual encoder the options (of train.py, or a checkpoint's) name, on the exported
     encoder and word embeddings (V, E)."""
     return DualEncoder(encoder, word_emb, dim=args.dim, pool=args.pool, text=args.text,
-                       tune_trunk=not args.freeze_trunk)
+                       tune_trunk=not args.freeze_trunk, raw_path=bool(args.raw_path))

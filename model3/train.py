@@ -32,6 +32,9 @@ def parse_args(argv=None):
                    help="pooling over the regions: the pretrained attention pooling, or the mean")
     g.add_argument("--text", choices=["attn", "gru"],
                    help="text side: attention pooling of the word embeddings, or of BiGRU states")
+    g.add_argument("--raw-path", type=int, choices=[0, 1],
+                   help="1: add an MLP of the square-rooted detector features, learned from "
+                        "scratch, to the trunk's regions (not published)")
     return p.parse_args(argv)
 
 

@@ -204,6 +204,27 @@ def test_loss_falls_on_one_batch_and_the_frozen_trunk_gets_no_gradient():
     assert not m.text.emb.weight.requires_grad
 
 
+def test_raw_path_starts_at_zero_and_trains_at_the_image_rate():
+    """The raw-feature MLP adds nothing at the start (its last layer is zero), then learns:
+    its parameters are in the image group and get gradients while the trunk stays frozen."""
+    b = _batch()
+    plain, _ = _model(raw_path=0)
+    raw, a = _model(raw_path=1)
+    raw.load_state_dict(plain.state_dict(), strict=False)
+    raw.eval(), plain.eval()
+    regions = {"boxes": b["p_boxes"], "feats": b["p_feats"], "mask": b["p_mask"]}
+    with torch.no_grad():
+        assert torch.equal(raw.encode_images(regions), plain.encode_images(regions))
+    raw.train()
+    opt, _ = engine.make_optimizer(matching.param_groups(raw, a), a.gamma)
+    names = {id(p): n for n, p in raw.named_parameters()}
+    assert {n for n in names.values() if ".raw." in n} <= {names[id(p)]
+                                                         for p in opt.param_groups[0]["params"]}
+    raw(**b)[0].backward()
+    assert raw.encoder.raw[2].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in raw.encoder.trunk.parameters())
+
+
 @pytest.mark.parametrize("freeze", [1, 0])
 def test_parameter_groups(freeze):
     """box embedding, pooling and projection at lr_image; text side and temperature at
@@ -225,11 +246,12 @@ def test_presets_pinned():
         return engine.apply_preset(m3_train.parse_args(["--out", "o", "--preset", preset]),
                                    m3_train.PRESETS)
     keys = ("batch_size", "lr_text", "lr_image", "lr_trunk", "weight_decay", "gamma", "epochs",
-            "p_near", "dim", "freeze_trunk", "pool", "text", "group_rows", "group_share")
+            "p_near", "dim", "freeze_trunk", "pool", "text", "group_rows", "group_share",
+            "raw_path")
     assert {p: tuple(getattr(args(p), k) for k in keys) for p in ("paper", "small", "tiny")} == {
-        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 1024, 1, "attn", "attn", 0, 1.0),
-        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 5, 0.5, 256, 1, "attn", "gru", 8, 1.0),
-        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 32, 1, "attn", "gru", 4, 1.0)}
+        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 1024, 1, "attn", "attn", 0, 1.0, 0),
+        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 5, 0.5, 256, 1, "attn", "gru", 8, 1.0, 0),
+        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 32, 1, "attn", "gru", 4, 1.0, 0)}
     a = args("paper")
     with torch.device("meta"):
         m = m3_model.build_model(ImageEncoder(ENCODER_PRESETS["paper"]), torch.empty(100, 1024), a)
