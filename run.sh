@@ -93,9 +93,10 @@ for m in model1 model2 model3; do
   stage ${m}_validation python $m/validation.py --ckpt "$OUT_DIR/$m/best.pt" --data "$DATA_DIR" --split valid --split testB --out "$PRED"
 done
 TEST_ANS="$DATA_DIR/testB/testB_answer.json"; [ -f "$TEST_ANS" ] || TEST_ANS=""
-stage ensemble env ENSEMBLE_PRED_DIR="$PRED" ENSEMBLE_VALID_ANSWERS="$DATA_DIR/valid/valid_answer.json" \
-  ENSEMBLE_TEST_ANSWERS="$TEST_ANS" ENSEMBLE_OUT="$PRED/submission.csv" ENSEMBLE_HOW="$ENSEMBLE_HOW" \
-  ENSEMBLE_MODELS="$ENSEMBLE_MODELS" ENSEMBLE_WEIGHTING="$ENSEMBLE_WEIGHTING" \
-  jupyter nbconvert --to notebook --execute ensemble.ipynb --output-dir "$OUT_DIR" --output ensemble.executed.ipynb
+stage ensemble papermill ensemble.ipynb "$OUT_DIR/ensemble.executed.ipynb" --no-progress-bar \
+  -p pred_dir "$PRED" -p valid_answers "$DATA_DIR/valid/valid_answer.json" -p test_answers "$TEST_ANS" \
+  -p out "$PRED/submission.csv" -p models "$ENSEMBLE_MODELS" -p how "$ENSEMBLE_HOW" \
+  -p weighting "$ENSEMBLE_WEIGHTING"
 stage retrieval python model3/retrieve.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --split valid --split testB --k 100 --out "$PRED" --rerank "$PRED/ensemble.json"
+stage index python model3/index.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --out "$OUT_DIR/index" --no-progress
 run python summary.py --out "$OUT_DIR"

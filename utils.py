@@ -89,6 +89,27 @@ def write_together(folder, writers):
         os.replace(p, os.path.join(folder, name))
 
 
+def write_folder(folder, writers):
+    """{name: write(path)} -> a folder of exactly those files, replacing ``folder`` whole:
+    they are written into a new folder beside it, which is then renamed over it. A reader
+    sees the old set or the new one, never a mix; a failure on the way leaves the old."""
+    folder = os.path.abspath(folder)
+    new, old = folder + ".new%d" % os.getpid(), folder + ".old%d" % os.getpid()
+    os.makedirs(new)
+    try:
+        for name, write in writers.items():
+            path = os.path.join(new, name)
+            with disk_full_named(path):
+                write(path)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if os.path.exists(folder):
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------
 # Boxes, the product stores and padding
 # --------------------------------------------------------------------------------------

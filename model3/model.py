@@ -88,22 +88,45 @@ class ImageSide(nn.Module):
         return F.normalize(self.proj(x).float(), dim=-1)
 
 
-class DualEncoder(nn.Module):
-    """ImageSide + the text side + the learned temperature."""
+class QueryEncoder(nn.Module):
+    """The text side alone: query tokens -> (Q, dim) unit vectors. A search builds only
+    this (``model3/query.py``); DualEncoder is one with the image side beside it."""
 
-    def __init__(self, encoder, word_emb, *, dim=256, pool="attn", text="attn", tune_trunk=False,
-                 raw_path=False):
+    def __init__(self, word_emb, *, dim=256, text="attn"):
         super().__init__()
+        self.add_text_side(word_emb, dim=dim, text=text)
+
+    def add_text_side(self, word_emb, *, dim, text):
+        """The exported word embeddings (frozen) -> LayerNorm, or model1's text side (a
+        2-layer BiGRU, directions averaged, packed) -> attention pooling -> Linear."""
         if text not in ("attn", "gru"):
             raise ValueError("text must be 'attn' or 'gru', got %r" % (text,))
         d_word = word_emb.shape[1]
-        self.encoder = ImageSide(encoder, dim, pool=pool, tune_trunk=tune_trunk,
-                                 raw_path=raw_path)
-        # gru: model1's text side (LayerNorm, 2-layer BiGRU, directions averaged, packed)
         self.text = TextSide(word_emb, d_word, gru=text == "gru")
         self.text_norm = nn.LayerNorm(d_word) if text == "attn" else nn.Identity()
         self.text_pool = AttentionPool(d_word, [d_word])
         self.text_proj = nn.Linear(d_word, dim)
+
+    def encode_queries(self, tokens):
+        """tokens (Q, L) 0-padded -> (Q, dim) unit vectors; an empty query reads <unk>."""
+        tokens = tokens.to(self.text_proj.weight.device).clone()
+        tokens[(tokens != 0).sum(1) == 0, 0] = text.UNK
+        e, states, mask = self.text(tokens)
+        x = self.text_norm(e) if states is None else states
+        return F.normalize(self.text_proj(self.text_pool(x, mask)).float(), dim=-1)
+
+
+class DualEncoder(QueryEncoder):
+    """ImageSide + the text side + the learned temperature."""
+
+    def __init__(self, encoder, word_emb, *, dim=256, pool="attn", text="attn", tune_trunk=False,
+                 raw_path=False):
+        nn.Module.__init__(self)
+        # the image side first: the layers are created, and their weights drawn, in the
+        # order the trained checkpoints and the seeds' figures were made with
+        self.encoder = ImageSide(encoder, dim, pool=pool, tune_trunk=tune_trunk,
+                                 raw_path=raw_path)
+        self.add_text_side(word_emb, dim=dim, text=text)
         self.logit_scale = nn.Parameter(torch.tensor(LOG_SCALE_INIT))
 
     def train(self, mode=True):
@@ -121,14 +144,6 @@ class DualEncoder(nn.Module):
         dev = self.logit_scale.device
         return self.encode_image(batch["boxes"].to(dev), batch["feats"].to(dev),
                                  batch["mask"].to(dev))
-
-    def encode_queries(self, tokens):
-        """tokens (Q, L) 0-padded -> (Q, dim) unit vectors; an empty query reads <unk>."""
-        tokens = tokens.to(self.logit_scale.device).clone()
-        tokens[(tokens != 0).sum(1) == 0, 0] = text.UNK
-        e, states, mask = self.text(tokens)
-        x = self.text_norm(e) if states is None else states
-        return F.normalize(self.text_proj(self.text_pool(x, mask)).float(), dim=-1)
 
     def score(self, tokens, image, pairs):
         """tokens (Q, L), image (P, dim), pairs (N, 2) of (query, product) indices -> (N,)."""

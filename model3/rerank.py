@@ -135,8 +135,16 @@ class GalleryProducts:
         if pid not in self.lines:
             return self.store.get(pid)
         path, offset = self.lines[pid]
-        _, text = next(tsv.iter_lines(path, start=offset))
-        return utils.row_regions(tsv.parse_row(text), self.max_boxes)
+        _, text = next(tsv.iter_lines(path, start=offset), (None, None))
+        try:
+            row = tsv.parse_row(text) if isinstance(text, str) else None
+        except ValueError:
+            row = None
+        if row is None or row["product_id"] != pid:
+            raise utils.DataError("%s: byte %d no longer starts product %d's row: the file "
+                                  "changed since its rows were listed (a saved index: build "
+                                  "it again)" % (path, offset, pid))
+        return utils.row_regions(row, self.max_boxes)
 
 
 # --------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import tsv  # noqa: E402
 import utils  # noqa: E402
 from model3 import rerank  # noqa: E402
 from model3.model import build_model  # noqa: E402
-from text import tokenize  # noqa: E402
+from model3.query import check_k, encode_texts  # noqa: E402
 
 CANDIDATE_SPLITS = ("valid", "testA", "testB")
 RECALL_AT = (10, 100)
@@ -105,12 +105,6 @@ def faiss_search(queries, gallery, k, hnsw=False):
     index.add(g)
     scores, rows = index.search(np.ascontiguousarray(queries.cpu().numpy(), np.float32), k)
     return torch.from_numpy(scores), torch.from_numpy(rows)
-
-
-def check_k(k, n):
-    """K must fit the gallery: a shorter list would pass for a full one."""
-    if not 1 <= k <= n:
-        raise utils.DataError("--k %d: must be between 1 and the gallery's %d products" % (k, n))
 
 
 # --------------------------------------------------------------------------------------
@@ -182,15 +176,6 @@ def encode_gallery(model, rows, batch_size=256, sort_window=16):
     return np.asarray(pids, np.int64)[order], torch.cat(vecs)[torch.from_numpy(order)]
 
 
-@torch.no_grad()
-def encode_texts(model, vocab, texts, batch_size=1024):
-    """Query texts -> (Q, D) unit vectors on the CPU."""
-    tokens = [vocab.encode(tokenize(t)) for t in texts]
-    out = [model.encode_queries(utils.pad_tokens(tokens[s:s + batch_size])[0]).float().cpu()
-           for s in range(0, len(tokens), batch_size)]
-    return torch.cat(out)
-
-
 def rankings(qids, pids, scores, rows):
     """-> {qid: [(pid, score), ...]} best first; a faiss row of -1 (unfilled) is dropped."""
     out = {}
@@ -209,19 +194,13 @@ def gallery_metrics(preds, answers, k):
 # --------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="best.pt or last.pt of model3/train.py")
+def add_gallery_args(p):
+    """The flags that say which products form the gallery and where they are read (each
+    defaults to the checkpoint's); ``index.py`` takes them too."""
     p.add_argument("--data", help="data root (default: the checkpoint's)")
-    p.add_argument("--split", action="append", choices=CANDIDATE_SPLITS,
-                   help="queries to retrieve for (repeatable; default valid and testB)")
     p.add_argument("--gallery", action="append", choices=("train",) + CANDIDATE_SPLITS,
                    help="splits whose products form the gallery (repeatable; default train "
                         "and every candidate split the data root has)")
-    p.add_argument("--k", type=engine.positive_int, default=100, help="products per query")
-    p.add_argument("--out", default="retrieval", help="output folder")
-    p.add_argument("--index", default="exact", choices=["exact", "faiss", "hnsw"],
-                   help="exact: chunked matmul; faiss: IndexFlatIP; hnsw: IndexHNSWFlat")
     p.add_argument("--store", choices=["npz", "packed"],
                    help="where the train products are read (default: the checkpoint's)")
     p.add_argument("--features", help="per-product .npz folder (default: the checkpoint's)")
@@ -231,6 +210,18 @@ def parse_args(argv=None):
     p.add_argument("--export", help="encoder export (default: the checkpoint's)")
     p.add_argument("--batch-size", type=engine.positive_int, default=256,
                    help="products encoded at once")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="best.pt or last.pt of model3/train.py")
+    p.add_argument("--split", action="append", choices=CANDIDATE_SPLITS,
+                   help="queries to retrieve for (repeatable; default valid and testB)")
+    p.add_argument("--k", type=engine.positive_int, default=100, help="products per query")
+    p.add_argument("--out", default="retrieval", help="output folder")
+    p.add_argument("--index", default="exact", choices=["exact", "faiss", "hnsw"],
+                   help="exact: chunked matmul; faiss: IndexFlatIP; hnsw: IndexHNSWFlat")
+    add_gallery_args(p)
     r = p.add_argument_group("re-ranking")
     r.add_argument("--rerank", metavar="ENSEMBLE_JSON",
                    help="re-rank each query's K products with the blend ensemble.py recorded "
@@ -250,6 +241,12 @@ def store_options(a, ck_args, max_boxes):
     return argparse.Namespace(store=a.store or ck_args["store"],
                               features=a.features or ck_args["features"],
                               packed=a.packed or ck_args.get("packed"), max_boxes=max_boxes)
+
+
+def gallery_splits(a, data):
+    """--gallery, or train and every candidate split the data root has."""
+    return a.gallery or ["train"] + [s for s in CANDIDATE_SPLITS
+                                     if os.path.exists(engine.split_paths(data, s)[0])]
 
 
 def product_sources(a, ck_args, splits, lines=None):
@@ -325,8 +322,7 @@ def main(argv=None):
     blend = rerank.load_blend(a.rerank, device, a.member) if a.rerank else None
     data = a.data or ck["args"]["data"]
     splits = a.split or ["valid", "testB"]
-    gallery = a.gallery or ["train"] + [s for s in CANDIDATE_SPLITS
-                                        if os.path.exists(engine.split_paths(data, s)[0])]
+    gallery = gallery_splits(a, data)
     lines = {}
     results, texts, n = retrieve(
         model, vocab, data=data, splits=splits, k=a.k, index=a.index,

@@ -485,29 +485,75 @@ def test_main_cli_three_members(pred_world, capsys):
     assert report["weights"] == {"model1": report["t"], "model2": 1.0 - report["t"]}
 
 
+def _executed_outputs(path):
+    import nbformat
+    executed = nbformat.read(path, as_version=4)
+    return executed, json.dumps([c.get("outputs", []) for c in executed.cells])
+
+
 @pytest.mark.slow
-def test_notebook_runs_unedited(pred_world):
+def test_notebook_runs_through_papermill_with_its_parameters(pred_world):
     import nbformat
     nb = nbformat.read(os.path.join(ROOT, "ensemble.ipynb"), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", [])
     assert all(not c.outputs and c.execution_count is None for c in code)  # stored cleared
+    assert not any("environ" in c.source or "getenv" in c.source for c in code)
 
     tmp, valid, test = pred_world
     out = str(tmp / "out" / "submission.csv")
-    env = dict(os.environ, ENSEMBLE_PRED_DIR=str(tmp / "prediction_result"),
-               ENSEMBLE_VALID_ANSWERS=str(tmp / "valid_answer.json"),
-               ENSEMBLE_TEST_TSV=str(tmp / "test.tsv"),
-               ENSEMBLE_TEST_ANSWERS=str(tmp / "test_answer.json"), ENSEMBLE_OUT=out,
-               ENSEMBLE_GRID="21", ENSEMBLE_WEIGHTING="tuned")
+    executed_path = str(tmp / "ensemble.executed.ipynb")
+    params = dict(pred_dir=str(tmp / "prediction_result"),
+                  valid_answers=str(tmp / "valid_answer.json"), models="model1,model2",
+                  test_tsv=str(tmp / "test.tsv"), test_answers=str(tmp / "test_answer.json"),
+                  out=out, grid=21, weighting="tuned")
     proc = subprocess.run(
-        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-         os.path.join(ROOT, "ensemble.ipynb"), "--output-dir", str(tmp),
-         "--output", "ensemble.executed.ipynb", "--ExecutePreprocessor.timeout=120"],
-        env=env, capture_output=True, text=True, timeout=180)
+        [sys.executable, "-m", "papermill", os.path.join(ROOT, "ensemble.ipynb"), executed_path,
+         "--cwd", ROOT, "--no-progress-bar", "--execution-timeout", "120"]
+        + [x for name, v in params.items() for x in ("-p", name, str(v))],
+        capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = check_outputs(out, valid, test, 21)
-    executed = nbformat.read(str(tmp / "ensemble.executed.ipynb"), as_version=4)
-    text = json.dumps([c.get("outputs", []) for c in executed.cells])
+    executed, text = _executed_outputs(executed_path)
     assert "chose %s, t = %.4f" % (report["how"], report["t"]) in text
     assert "image/png" in text
+    # the executed copy shows what it ran with: papermill's cell after the defaults
+    injected = executed.cells[[c.cell_type for c in executed.cells].index("code") + 1]
+    assert "injected-parameters" in injected.metadata.tags
+    assert "grid = 21" in injected.source and 'pred_dir = "%s"' % params["pred_dir"] in \
+        injected.source
+    assert executed.metadata.papermill.parameters["grid"] == 21
+
+
+@pytest.mark.slow
+def test_bare_nbconvert_runs_on_the_defaults(tmp_path):
+    """The defaults are run.sh's on the small world: runs/prediction_result with the four
+    members, data/small's answers, beside the notebook."""
+    import shutil
+    pred = tmp_path / "runs" / "prediction_result"
+    pred.mkdir(parents=True)
+    answers_dir = {"valid": tmp_path / "data" / "small" / "valid",
+                   "test": tmp_path / "data" / "small" / "testB"}
+    for split, seed, first in (("valid", 5, 1000), ("test", 6, 5000)):
+        p1, p2, answers = random_world(n_queries=30, seed=seed, first_qid=first)
+        for name, preds in (("multilabel", noisy_member(p1, 3)), ("model1", p1),
+                            ("model2", p2), ("model3", noisy_member(p2, 4))):
+            dump(preds, pred / ("%s_pred_%s.json" % (split, name)))
+        answers_dir[split].mkdir(parents=True)
+        with open(answers_dir[split] / ("%s_answer.json" % answers_dir[split].name), "w") as f:
+            json.dump({str(q): sorted(a) for q, a in answers.items()}, f)
+        if split == "test":
+            write_tsv(str(answers_dir[split] / "testB.tsv"),
+                      [make_row(p, qid=q, n=1) for q, ps in p1.items() for p in ps])
+    shutil.copy(os.path.join(ROOT, "ensemble.ipynb"), tmp_path / "ensemble.ipynb")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+         str(tmp_path / "ensemble.ipynb"), "--ExecutePreprocessor.timeout=300"],
+        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(pred / "ensemble.json") as f:
+        report = json.load(f)
+    assert report["models"] == ["multilabel", "model1", "model2", "model3"]
+    assert len(read_csv(str(pred / "submission.csv"))) == 31
+    _, text = _executed_outputs(str(tmp_path / "ensemble.nbconvert.ipynb"))
+    assert "chose %s" % report["how"] in text

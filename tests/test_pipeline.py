@@ -28,7 +28,14 @@ def test_run_sh_end_to_end(tiny_world, tmp_path, store):
                for c in commands if "/train.py" in c)
     with open(os.path.join(out, "stage_times.tsv")) as f:
         stages = [line.split("\t")[0] for line in f]
-    assert ("pack" in stages) == (store == "packed") and stages[-2:] == ["ensemble", "retrieval"]
+    assert ("pack" in stages) == (store == "packed") and stages[-3:] == ["ensemble", "retrieval",
+                                                                     "index"]
+    # the notebook ran through papermill, its parameters in the executed copy
+    with open(os.path.join(out, "ensemble.executed.ipynb")) as f:
+        assert json.load(f)["metadata"]["papermill"]["parameters"]["pred_dir"] == os.path.join(
+            out, "prediction_result")
+    with open(os.path.join(out, "index", "manifest.json")) as f:
+        assert json.load(f)["checkpoint"]["path"] == os.path.join(out, "model3", "best.pt")
     pred = os.path.join(out, "prediction_result")
     for split in ("valid", "test"):
         for name in ("pred_multilabel", "pred_model1", "pred_model2", "pred_model3",
@@ -76,8 +83,8 @@ def _resume_skips_finished_stages(env, out, stages):
     skipped = [line.split(":")[0][2:] for line in r.stdout.splitlines()
                if line.startswith("= ")]
     assert skipped == stages[:stages.index("ensemble")], r.stdout
-    assert len(ran) == 3 and "ensemble.ipynb" in ran[0] and "retrieve.py" in ran[1] \
-        and "summary.py" in ran[2], r.stdout
+    assert len(ran) == 4 and "ensemble.ipynb" in ran[0] and "retrieve.py" in ran[1] \
+        and "index.py" in ran[2] and "summary.py" in ran[3], r.stdout
     assert open(sub).read() == before
     with open(os.path.join(out, "stage_times.tsv")) as f:
         assert [line.split("\t")[0] for line in f] == stages
