@@ -134,7 +134,8 @@ def cli(main):
 def bounded(kind=int, *, low, why, above=False, high=None):
     """An argparse type: a ``kind`` (int or float) >= ``low`` (> with ``above``; <=
     ``high`` if given), finite, else the flag's own one-line message that says ``why``."""
-    rng = "%s %g" % (">" if above else ">=", low) if high is None else "in [%g, %g]" % (low, high)
+    rng = ("%s %g" % (">" if above else ">=", low) if high is None
+           else "in %s%g, %g]" % ("(" if above else "[", low, high))
 
     def parse(text):
         try:
