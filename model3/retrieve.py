@@ -10,9 +10,9 @@ its vector. ``--data`` another data root than the checkpoint's: the whole galler
 from that root, train streamed from its train/train.tsv (one world per command). Each
 query's K best products by dot product: exact by default (chunked matmul with a running top
 K, ties by product id), or through faiss (``faiss``: IndexFlatIP, exact; ``hnsw``:
-IndexHNSWFlat, approximate; a query whose K it cannot fill gets the exact K). Writes OUT/valid_gallery_model3.json and
-OUT/test_gallery_model3.json (testB), {"<query_id>": [["<product_id>", score], ...]}, K
-entries best first; prints Recall@10, Recall@100 and NDCG@5 where the split has
+IndexHNSWFlat, approximate; a query whose K it cannot fill gets the exact K). Writes
+OUT/valid_gallery_model3.json and OUT/test_gallery_model3.json (testB),
+{"<query_id>": [["<product_id>", score], ...]}, K entries best first; prints Recall@10, Recall@100 and NDCG@5 where the split has
 ``<split>_gallery_answer.json`` (generated worlds), and writes them to
 OUT/gallery_metrics.json ({split: {metric: value}}). With ``--rerank ENSEMBLE_JSON``, each
 query's K are then re-ranked by the blend ensemble.py recorded (``model3/rerank.py``) and
