@@ -38,37 +38,36 @@ def core_parser(description, presets):
                    help="read products from the .npz folder or from `prepare.py pack`'s store")
     g.add_argument("--packed", help="packed store folder (default: packed/ beside --features)")
     g.add_argument("--info", default=os.path.join(utils.ROOT, "info"), help="info/ folder")
-    g.add_argument("--max-boxes", type=positive_int,
+    g.add_argument("--max-boxes", type=runtime.bounded(low=1, why="leave it out to keep "
+                                                                   "every box"),
                    help="keep at most this many boxes per product (default: every box)")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    g.add_argument("--workers", type=runtime.bounded(low=0, why="0 reads in the main process"),
+                   default=2, help="DataLoader workers per process")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip, count and list bad rows of the evaluation split")
     g = p.add_argument_group("training")
     g.add_argument("--out", required=True, help="checkpoint and log folder")
     g.add_argument("--preset", default="small", choices=sorted(presets))
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="per process")
+    g.add_argument("--epochs", type=runtime.bounded(low=1, why="the epochs to train, counting "
+                                                            "a resumed checkpoint's"))
+    g.add_argument("--batch-size", type=runtime.bounded(low=1, why="the pairs of a step on "
+                                                                "each process"),
+                   help="per process")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    g.add_argument("--steps-per-epoch", type=int, help="cap the steps of an epoch")
+    g.add_argument("--steps-per-epoch", type=runtime.bounded(low=1, why="leave it out for "
+                                                                     "whole epochs"),
+                   help="cap the steps of an epoch")
     g.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="mixed precision on CUDA (auto: bf16 where supported); off on CPU")
     g.add_argument("--no-progress", action="store_true")
-    g.add_argument("--dist-timeout", type=float, default=runtime.DIST_TIMEOUT_S,
+    g.add_argument("--dist-timeout", type=runtime.bounded(
+                       float, low=0, above=True, why="the seconds a collective waits"),
+                   default=runtime.DIST_TIMEOUT_S,
                    help="seconds a collective waits for the other ranks before the job "
                         "stops, naming a rank that does not answer")
     runtime.add_launcher_args(p)
     return p
-
-
-def positive_int(text):
-    """argparse type: an integer >= 1 (``--max-boxes 0`` once meant every box, -1 dropped
-    the last one)."""
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be >= 1 (leave it out to keep every box), got %d"
-                                         % v)
-    return v
 
 
 def apply_preset(args, presets):
@@ -228,9 +227,10 @@ def check_finite(first_bad, mean_loss, recent, *, epoch, model=None):
     return got[1]
 
 
-def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_state=None,
+def fit(args, model, dataset, *, stage, dist, groups, collate, evaluate=None, extra_state=None,
         batches=None):
-    """Train ``model`` for ``args.epochs``; checkpoints OUT/last.pt (each epoch) and OUT/best.pt.
+    """Train ``model`` for ``args.epochs``; checkpoints OUT/last.pt (each epoch) and OUT/best.pt,
+    each recording ``stage`` (``runtime.stamp``); --resume reads only a checkpoint of it.
 
     ``dist`` is the process group's ``runtime.Dist`` (the stage's main creates and closes it);
     ``groups`` the optimizer's parameter groups, decayed by ``args.gamma`` per epoch;
@@ -253,7 +253,7 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
         raise utils.DataError("%s: not found; --resume continues a run from its last "
                               "checkpoint (leave --resume out to start one)" % last)
     if (args.resume or restarted) and os.path.exists(last):
-        ck = runtime.load_checkpoint(last)
+        ck = runtime.load_checkpoint(last, stage)
         check_compatible(ck, args, extra_state, world=dist.world)
         load_trainable(model, ck["model"], last)
         opt.load_state_dict(ck["optimizer"])
@@ -300,11 +300,11 @@ def fit(args, model, dataset, *, dist, groups, collate, evaluate=None, extra_sta
             best = stats[BEST_METRIC]
         history.append(stats)
         if dist.main:
-            state = {"model": trainable_state(model), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
-                     "history": history, "args": plain_args(args), "rng": rng_state(),
-                     "world": dist.world,
-                     **(extra_state or {})}
+            state = runtime.stamp({
+                "model": trainable_state(model), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "epoch": epoch, "best": best,
+                "history": history, "args": plain_args(args), "rng": rng_state(),
+                "world": dist.world, **(extra_state or {})}, stage)
             runtime.save_checkpoint(state, last)
             if improved or evaluate is None:
                 runtime.save_checkpoint(state, os.path.join(args.out, "best.pt"))
@@ -400,7 +400,7 @@ def encode_products(encode, cset, device, batch_size=256):
 def eval_paths(data, split):
     """-> (candidate TSV, answer JSON) of the split ranked after each epoch; its answers are
     required: without them best.pt would silently be the last epoch."""
-    tsv, ans = split_paths(data, split)
+    tsv, ans = split_tsv(data, split), split_paths(data, split)[1]
     if ans is None:
         raise utils.DataError("%s: not found; the per-epoch evaluation needs the answers of "
                               "the %s split (pass --no-eval to train without it)"
@@ -413,3 +413,10 @@ def split_paths(data, split):
     tsv = os.path.join(data, split, split + ".tsv")
     ans = os.path.join(data, split, split + "_answer.json")
     return tsv, ans if os.path.exists(ans) else None
+
+
+def split_tsv(data, split):
+    """The candidate TSV of a split of a data root; a DataError when it is missing or a
+    folder (checked before any heavy work)."""
+    return runtime.input_file(split_paths(data, split)[0], "expected the candidate TSV of "
+                                                           "the %s split" % split)

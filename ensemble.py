@@ -34,6 +34,7 @@ import sys
 import numpy as np
 
 from metric import check_submission, load_answers, load_predictions, ndcg_at_k, rank
+from runtime import bounded, check_writable, input_file
 from tsv import DataError, read_candidates
 from utils import atomic_json, atomic_open
 
@@ -42,6 +43,8 @@ WEIGHTINGS = ("tuned", "equal")
 MODELS = ("model1", "model2")
 HEADER = ["query-id", "product1", "product2", "product3", "product4", "product5"]
 TIE = 1e-12  # curve values closer than this count as equal when picking weights
+MAX_GRID = 20000  # simplex points searched one by one; past it, coordinate ascent
+PROGRESS_AT = 10 ** 6  # (queries x points) from which scoring the grid shows a progress bar
 
 
 # --------------------------------------------------------------------------------------
@@ -132,18 +135,27 @@ def _mix_scores(weights, s):
     return out
 
 
-def check_weights(weights, n):
-    """-> (n,) float array: n weights in [0, 1] summing to 1, else ValueError."""
+def check_weights(weights, n, names=None):
+    """-> (n,) float array: n weights in [0, 1] summing to 1, else a ValueError saying which
+    weight (``names``: one per member) is wrong and how. NaN is refused, never read as 0."""
     w = np.asarray(weights, np.float64)
-    if w.shape != (n,) or (w < 0).any() or (w > 1).any() or abs(w.sum() - 1.0) > 1e-9:
-        raise ValueError("weights must be %d numbers in [0, 1] summing to 1, got %r"
-                         % (n, list(weights)))
+    rule = "weights are %d numbers in [0, 1] summing to 1" % n
+    if w.shape != (n,):
+        raise ValueError("%r: %s, one per member" % (list(weights), rule))
+    names = names or ["member %d" % (i + 1) for i in range(n)]
+    for name, v in zip(names, w):
+        if not np.isfinite(v):
+            raise ValueError("the weight of %s is %s: %s" % (name, v, rule))
+        if not 0 <= v <= 1:
+            raise ValueError("the weight of %s is %g, outside [0, 1]: %s" % (name, v, rule))
+    if abs(w.sum() - 1.0) > 1e-9:
+        raise ValueError("the weights sum to %.10g: %s" % (w.sum(), rule))
     return w
 
 
 def blend_members(preds, weights, how="raw", names=None):
     """sum_i w_i * member_i per candidate, after normalising each member per query."""
-    w = check_weights(weights, len(preds))
+    w = check_weights(weights, len(preds), names)
     check_members(preds, names)
     return {q: dict(zip(pids.tolist(), _mix_scores(w[None], s)[0].tolist()))
             for q, (pids, s) in _stack(preds, sorted(preds[0]), how).items()}
@@ -165,12 +177,33 @@ def grid_points(grid):
 
 def simplex_points(n, step=0.05):
     """(W, n) points of the simplex whose coordinates are multiples of ``step``, in
-    lexicographic order of their integer coordinates: C(1/step + n - 1, n - 1) of them."""
-    m = round(1.0 / step)
+    lexicographic order of their integer coordinates: ``simplex_size(n, step)`` of them,
+    generated directly (not filtered out of the (1/step + 1)^(n-1) integer boxes)."""
+    m = simplex_units(step)
+
+    def compositions(parts, total):  # lexicographic: first coordinate slowest
+        if parts == 1:
+            yield (total,)
+            return
+        for c in range(total + 1):
+            for rest in compositions(parts - 1, total - c):
+                yield (c,) + rest
+    return np.array(list(compositions(n, m)), np.float64) / m
+
+
+def simplex_units(step):
+    """1/step, checked to be a whole number m >= 1."""
+    m = round(1.0 / step) if step > 0 else 0
     if m < 1 or abs(m * step - 1.0) > 1e-9:
         raise ValueError("simplex_step must be 1/m for a whole m, got %r" % step)
-    heads = [c for c in itertools.product(range(m + 1), repeat=n - 1) if sum(c) <= m]
-    return np.array([[*c, m - sum(c)] for c in heads], np.float64) / m
+    return m
+
+
+def simplex_size(n, step=0.05):
+    """The number of points of ``simplex_points(n, step)``: C(1/step + n - 1, n - 1); at
+    0.05, 231 for three members, 1771 for four, 10626 for five, 53130 for six, 888030 for
+    eight."""
+    return math.comb(simplex_units(step) + n - 1, n - 1)
 
 
 def weight_grid(n, *, grid=100, simplex_step=0.05):
@@ -194,18 +227,36 @@ def _ndcg_rows(pids, mixed, answers, k=5):
     return (hit * disc[:order.shape[1]]).sum(1) / disc[:min(len(answers), k)].sum()
 
 
-def ndcg_table(preds, answers, how, points, *, names=None):
-    """Per-query NDCG@5 of the blend at every weight point -> (qids (Q,), matrix (Q, W))."""
+def answered_stack(preds, answers, how, names=None):
+    """The answered queries, each member normalised once -> (qids (Q,), [(pids (C,),
+    scores (N, C), answer set)] in the order of qids)."""
     check_members(preds, names)
     qids = sorted(int(q) for q in answers)
     missing = [q for q in qids if q not in preds[0]]
     if missing:
         raise DataError("predictions have no entry for query %d of the answer file "
                         "(%d such queries)" % (missing[0], len(missing)))
-    m = np.zeros((len(qids), len(points)))
-    for i, (q, (pids, s)) in enumerate(_stack(preds, qids, how).items()):
-        m[i] = _ndcg_rows(pids, _mix_scores(points, s), answers[q])
-    return np.array(qids, np.int64), m
+    stacked = [(pids, s, answers[q]) for q, (pids, s) in _stack(preds, qids, how).items()]
+    return np.array(qids, np.int64), stacked
+
+
+def ndcg_matrix(stacked, points, rows=None):
+    """Per-query NDCG@5 of the blend at every weight point -> (Q, W), or of the queries
+    ``rows`` only; a progress bar when the grid is large (PROGRESS_AT)."""
+    from tqdm import tqdm
+    part = stacked if rows is None else [stacked[i] for i in rows]
+    m = np.zeros((len(part), len(points)))
+    bar = tqdm(part, desc="blend grid (%d points)" % len(points), leave=False,
+               disable=len(part) * len(points) < PROGRESS_AT)
+    for i, (pids, s, answers) in enumerate(bar):
+        m[i] = _ndcg_rows(pids, _mix_scores(points, s), answers)
+    return m
+
+
+def ndcg_table(preds, answers, how, points, *, names=None):
+    """Per-query NDCG@5 of the blend at every weight point -> (qids (Q,), matrix (Q, W))."""
+    qids, stacked = answered_stack(preds, answers, how, names)
+    return qids, ndcg_matrix(stacked, points)
 
 
 def pick_weights(points, curve):
@@ -217,44 +268,95 @@ def pick_weights(points, curve):
     return int(min(best, key=lambda j: (dist[j], tuple(points[j]))))
 
 
-def _kfold(points, m, k, seed):
-    """Out-of-fold NDCG@5 and the weights chosen for each fold, from a (Q, W) matrix."""
-    if not 2 <= k <= len(m):
+def coordinate_ascent(score, n, step):
+    """Weights chosen by coordinate ascent on the simplex, for more members than the grid
+    takes (MAX_GRID): from equal weights, every move of ``step`` (or all there is) of
+    weight from one member to another is scored by ``score`` ((W, n) points -> (W,)), and
+    the best (ties as ``pick_weights``) taken while it gains more than TIE -> (n,) weights."""
+    w = np.full(n, 1.0 / n)
+    best = score(w[None])[0]
+    while True:
+        moves = []
+        for i, j in itertools.permutations(range(n), 2):
+            if w[j] > 0:
+                v = w.copy()
+                v[i], v[j] = v[i] + min(step, w[j]), v[j] - min(step, w[j])
+                moves.append(v)
+        moves = np.array(moves)
+        got = score(moves)
+        j = pick_weights(moves, got)
+        if got[j] <= best + TIE:
+            return w
+        w, best = moves[j], got[j]
+
+
+def _kfold(n_rows, k, seed, fit):
+    """Out-of-fold NDCG@5 and the weights chosen for each fold: ``fit(train rows)`` ->
+    (weights, per-query NDCG@5 (Q,) at them)."""
+    if not 2 <= k <= n_rows:
         raise DataError("k-fold needs 2 <= k <= number of answered queries (%d), got k=%d"
-                        % (len(m), k))
-    folds = np.array_split(np.random.default_rng(seed).permutation(len(m)), k)
-    held, chosen = np.zeros(len(m)), []
+                        % (n_rows, k))
+    folds = np.array_split(np.random.default_rng(seed).permutation(n_rows), k)
+    held, chosen = np.zeros(n_rows), []
     for f in folds:
-        train = np.setdiff1d(np.arange(len(m)), f)
-        j = pick_weights(points, m[train].mean(0))
-        held[f] = m[f, j]
-        chosen.append(points[j].tolist())
+        weights, per_query = fit(np.setdiff1d(np.arange(n_rows), f))
+        held[f] = per_query[f]
+        chosen.append(list(weights))
     return float(held.mean()), chosen
+
+
+def _tune_grid(stacked, points, k, seed):
+    """Every point of ``points`` scored -> (weights, valid, k-fold, fold weights, curve)."""
+    m = ndcg_matrix(stacked, points)
+    curve = m.mean(0)
+
+    def fit(train):
+        j = pick_weights(points, m[train].mean(0))
+        return points[j].tolist(), m[:, j]
+    est, fold_w = _kfold(len(m), k, seed, fit)
+    j = pick_weights(points, curve)
+    return points[j].tolist(), float(curve[j]), est, fold_w, curve
+
+
+def _tune_coordinates(stacked, n, step, k, seed):
+    """``coordinate_ascent`` on all queries and on each fold -> as ``_tune_grid``, the curve
+    being the chosen weights' score alone."""
+    def fit(train=None):
+        w = coordinate_ascent(lambda p: ndcg_matrix(stacked, p, train).mean(0), n, step)
+        return w.tolist(), ndcg_matrix(stacked, w[None])[:, 0]
+    est, fold_w = _kfold(len(stacked), k, seed, fit)
+    weights, per_query = fit()
+    return weights, float(per_query.mean()), est, fold_w, np.array([per_query.mean()])
 
 
 def tune_members(preds, answers, *, names=None, hows=HOWS, grid=100, simplex_step=0.05, k=5,
                  seed=0):
     """Per normalisation: weights tuned on all of valid, their (optimistic) score, the k-fold
-    estimate, and the score of equal weights (nothing fitted, so it needs no k-fold).
+    estimate, and the score of equal weights (nothing fitted, so it needs no k-fold). The
+    weights are searched on ``weight_grid`` up to MAX_GRID points, by ``coordinate_ascent``
+    beyond (``simplex_step`` its step).
 
     -> {how: {"weights", "valid", "kfold", "fold_weights", "equal", "curve" (W,),
     "points" (W, N)}}, plus "t" and "fold_t" (the weight of the first member) for two members.
     """
-    points = weight_grid(len(preds), grid=grid, simplex_step=simplex_step)
-    equal = np.full((1, len(preds)), 1.0 / len(preds))
+    n = len(preds)
+    grid_search = n == 2 or simplex_size(n, simplex_step) <= MAX_GRID
+    points = weight_grid(n, grid=grid, simplex_step=simplex_step) if grid_search else None
+    equal = np.full((1, n), 1.0 / n)
     out = {}
     for how in hows:
-        # equal weights as one more column of the same table: the members are stacked once
-        m = ndcg_table(preds, answers, how, np.vstack([points, equal]), names=names)[1]
-        m, equal_score = m[:, :-1], float(m[:, -1].mean())
-        curve = m.mean(0)
-        j = pick_weights(points, curve)
-        est, fold_w = _kfold(points, m, k, seed)
-        out[how] = {"weights": points[j].tolist(), "valid": float(curve[j]), "kfold": est,
-                    "fold_weights": fold_w, "equal": equal_score, "curve": curve,
-                    "points": points}
-        if len(preds) == 2:
-            out[how].update(t=float(points[j, 0]), fold_t=[w[0] for w in fold_w])
+        _, stacked = answered_stack(preds, answers, how, names)
+        equal_score = float(ndcg_matrix(stacked, equal).mean())
+        if grid_search:
+            weights, valid, est, fold_w, curve = _tune_grid(stacked, points, k, seed)
+        else:
+            weights, valid, est, fold_w, curve = _tune_coordinates(stacked, n, simplex_step,
+                                                                   k, seed)
+        out[how] = {"weights": weights, "valid": valid, "kfold": est, "fold_weights": fold_w,
+                    "equal": equal_score, "curve": curve,
+                    "points": points if grid_search else np.array([weights])}
+        if n == 2:
+            out[how].update(t=float(weights[0]), fold_t=[w[0] for w in fold_w])
     return out
 
 
@@ -443,6 +545,22 @@ def plot_blend(tuning, how, weights, *, names, folder):
 # --------------------------------------------------------------------------------------
 # The whole stage
 # --------------------------------------------------------------------------------------
+def check_inputs(pred_dir, models, *, valid_answers, test_answers, out):
+    """What the blend can check before it reads or tunes anything: every prediction file
+    and answer file there, the submission's folder writable. A missing file is named by
+    the flag that gives it."""
+    for split in ("valid", "test"):
+        for m in models:
+            input_file(os.path.join(pred_dir, "%s_pred_%s.json" % (split, m)),
+                       "the prediction file of member %s: run its validation.py" % m)
+    input_file(valid_answers, "expected the --valid-answers file")
+    if test_answers:
+        input_file(test_answers, "expected the --test-answers file")
+    if os.path.isdir(out):
+        raise DataError("--out %s: a folder; give the submission file to write" % out)
+    check_writable(os.path.dirname(os.path.abspath(out)))
+
+
 def run_ensemble(pred_dir, valid_answers, out, *, models=MODELS, test_tsv=None,
                  test_answers=None, grid=100, simplex_step=0.05, hows=HOWS, how="best",
                  weighting="tuned", k=5, seed=0):
@@ -454,6 +572,8 @@ def run_ensemble(pred_dir, valid_answers, out, *, models=MODELS, test_tsv=None,
     the test predictions.
     """
     models = [m.strip() for m in models if m.strip()]  # "model1, model2" from a command line
+    check_inputs(pred_dir, models, valid_answers=valid_answers, test_answers=test_answers,
+                 out=out)
     valid, test = load_members(pred_dir, "valid", models), load_members(pred_dir, "test", models)
     cands = candidates_of_test_split(test[0], test_tsv or default_test_tsv(valid_answers))
     answers = load_answers(valid_answers)
@@ -497,6 +617,17 @@ def rank_correlation(p1, p2):
     return float(np.mean(out))
 
 
+def simplex_step_arg(text):
+    """argparse type of --simplex-step: 1/m for a whole m >= 1."""
+    step = bounded(float, low=0, above=True, high=1, why="1/m for a whole m")(text)
+    try:
+        simplex_units(step)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be 1/m for a whole m (0.05, 0.1, 0.25, ...), "
+                                         "got %s" % text) from None
+    return step
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Blend two or more models; write submission.csv.")
     p.add_argument("--pred-dir", default="prediction_result",
@@ -508,8 +639,10 @@ def parse_args(argv=None):
                    "cover (default: testB/testB.tsv beside the valid/ of --valid-answers)")
     p.add_argument("--test-answers", help="test answers, reported only (synthetic data)")
     p.add_argument("--out", default="prediction_result/submission.csv", help="submission path")
-    p.add_argument("--grid", type=int, default=100, help="t grid points over [0, 1] (2 members)")
-    p.add_argument("--simplex-step", type=float, default=0.05,
+    p.add_argument("--grid", type=bounded(low=2, why="the t grid's points, both ends "
+                                                  "included"),
+                   default=100, help="t grid points over [0, 1] (2 members)")
+    p.add_argument("--simplex-step", type=simplex_step_arg, default=0.05,
                    help="weight step on the simplex (3 or more members)")
     p.add_argument("--normalisations", nargs="+", default=list(HOWS), choices=HOWS)
     p.add_argument("--how", default="best", choices=("best",) + HOWS,
@@ -518,7 +651,8 @@ def parse_args(argv=None):
                    help="tuned: the weights best on valid (default); equal: 1/N each; best: "
                         "the higher of the tuned weights' k-fold estimate and equal weights' "
                         "valid score")
-    p.add_argument("--k", type=int, default=5, help="folds of the honest estimate")
+    p.add_argument("--k", type=bounded(low=2, why="the folds of the k-fold estimate"),
+                   default=5, help="folds of the honest estimate")
     p.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     return p.parse_args(argv)
 

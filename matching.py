@@ -27,24 +27,29 @@ def train_parser(description, presets, *, in_batch=False):
     p = engine.core_parser(description, presets)
     g = p.add_argument_group("matching")
     g.add_argument("--export", default=DEFAULT_EXPORT, help="multilabel/export_model.py output")
-    g.add_argument("--lr-text", type=float, help="learning rate of the text side")
-    g.add_argument("--lr-image", type=float, help="learning rate of pooling + output MLP")
-    g.add_argument("--lr-trunk", type=float,
+    rate = runtime.bounded(float, low=0, above=True, why="a learning rate")
+    g.add_argument("--lr-text", type=rate, help="learning rate of the text side")
+    g.add_argument("--lr-image", type=rate, help="learning rate of pooling + output MLP")
+    g.add_argument("--lr-trunk", type=runtime.bounded(float, low=0, why="0 keeps the trunk "
+                                                                       "as pretrained"),
                    help="fine-tune the pretrained trunk at this learning rate (published: "
                         "frozen)")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--gamma", type=float, help="learning-rate decay per epoch")
-    g.add_argument("--p-last", type=float, default=0.8,
+    g.add_argument("--weight-decay", type=runtime.bounded(float, low=0, why="0: no decay"))
+    g.add_argument("--gamma", type=runtime.bounded(float, low=0, above=True, why="the factor "
+                                                   "of the learning rate after each epoch"),
+                   help="learning-rate decay per epoch")
+    share = runtime.bounded(float, low=0, high=1, why="a probability")
+    g.add_argument("--p-last", type=share, default=0.8,
                    help="probability that a negative query shares the last word")
-    g.add_argument("--p-near", type=float,
+    g.add_argument("--p-near", type=share,
                    help="probability that a negative query is one word apart (a changed or "
                         "swapped attribute) before the published draw; published: 0")
     if in_batch:
-        g.add_argument("--group-rows", type=int,
+        g.add_argument("--group-rows", type=runtime.bounded(low=0, why="0: shuffled batches"),
                        help="build each batch from runs of this many pairs whose queries share "
                             "the last word, so most in-batch negatives are the same garment; 0: "
                             "shuffled batches (published)")
-        g.add_argument("--group-share", type=float, default=1.0,
+        g.add_argument("--group-share", type=share, default=1.0,
                        help="the share of the pairs laid out in those runs; the rest come "
                             "singly, so every batch also holds other garments")
     g.add_argument("--eval-split", default="valid")
@@ -57,6 +62,7 @@ def train_main(args, build_model, *, fallback):
     pairs with hard negatives (``fallback``: the group a negative query comes from when it
     does not share the last word, see ``sampler.NegativeSampler``), the stage's model on
     the export, then ``engine.fit``. -> the per-epoch history."""
+    runtime.check_writable(args.out)
     dist = runtime.Dist(args.local_rank, timeout_s=args.dist_timeout)
     runtime.setup_logging(dist.main)
     runtime.seed_everything(args.seed, dist.rank)
@@ -76,7 +82,8 @@ def train_main(args, build_model, *, fallback):
     # the vocabulary the frozen embeddings index: checked on resume and in load_trained
     history = engine.fit(args, model, dataset, dist=dist, groups=param_groups(model, args),
                          collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
-                         evaluate=evaluate, extra_state={"vocab": vocab.itos}, batches=batches)
+                         evaluate=evaluate, extra_state={"vocab": vocab.itos}, batches=batches,
+                         stage=stage_of(build_model))
     dist.close()
     return history
 
@@ -133,10 +140,15 @@ def make_evaluator(args, vocab):
     return evaluate
 
 
+def stage_of(build_model):
+    """The stage a ``build_model`` builds: the package of its ``model.py`` (model1, ...)."""
+    return build_model.__module__.split(".")[0]
+
+
 def load_trained(build_model, ckpt_path, export=None):
     """A trained stage checkpoint (trainable weights only) + its export -> (model, vocab, ck);
-    ``build_model`` is the stage's (``model*/model.py``)."""
-    ck = runtime.load_checkpoint(ckpt_path)
+    ``build_model`` is the stage's (``model*/model.py``), whose checkpoints alone it reads."""
+    ck = runtime.load_checkpoint(ckpt_path, stage_of(build_model))
     args = argparse.Namespace(**ck["args"])
     if export:
         args.export = export
@@ -157,17 +169,22 @@ def validation_main(build_model, name, argv=None):
                                                     "default valid and testB)")
     p.add_argument("--out", default="prediction_result", help="prediction folder")
     p.add_argument("--export", help="encoder export (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=4096, help="pairs scored at once")
+    p.add_argument("--batch-size", type=runtime.bounded(low=1, why="the pairs scored at once"),
+                   default=4096, help="pairs scored at once")
     p.add_argument("--skip-bad", action="store_true", help="skip, count and list bad rows")
     a = p.parse_args(argv)
     runtime.setup_logging()
+    runtime.check_writable(a.out)
     model, vocab, ck = load_trained(build_model, a.ckpt, a.export)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     data = a.data or ck["args"]["data"]
+    splits = a.split or ["valid", "testB"]
+    for split in splits:  # all there before the first is scored
+        engine.split_tsv(data, split)
     # every split scored before any file is replaced: the files of one run go together
     results, writers, lines = {}, {}, []
-    for split in a.split or ["valid", "testB"]:
+    for split in splits:
         tsv, ans = engine.split_paths(data, split)
         cset = utils.CandidateSet.from_tsv(tsv, vocab, ck["args"].get("max_boxes"),
                                            skip_bad=a.skip_bad)

@@ -135,6 +135,8 @@ def _read_json(path, hint):
             return json.load(f)
     except FileNotFoundError:
         raise DataError("%s: not found; %s" % (path, hint)) from None
+    except IsADirectoryError:
+        raise DataError("%s: a folder; expected a JSON file (%s)" % (path, hint)) from None
     except UnicodeDecodeError as e:
         raise DataError("%s: not UTF-8 (%s; UTF-16 or another encoding?)" % (path, e.reason)) \
             from None

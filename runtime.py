@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 import zipfile
 
 import numpy as np
@@ -28,6 +29,16 @@ def seed_everything(seed, rank=0):
     torch.manual_seed(s)
 
 
+# What a checkpoint holds, versioned: every checkpoint records its stage and this number,
+# and every loader refuses another stage or another format, naming the file
+CHECKPOINT_FORMAT = 1
+WRITTEN_BY = {"multilabel": "multilabel/train.py's best.pt or last.pt",
+              "model1": "model1/train.py's best.pt or last.pt",
+              "model2": "model2/train.py's best.pt or last.pt",
+              "model3": "model3/train.py's best.pt or last.pt",
+              "export": "multilabel/export_model.py's encoder.pt"}
+
+
 def save_checkpoint(state, path):
     """torch.save, atomically: a crash never leaves a torn checkpoint."""
     import torch
@@ -36,20 +47,79 @@ def save_checkpoint(state, path):
         torch.save(state, f)
 
 
-def load_checkpoint(path):
+def stamp(state, stage):
+    """``state`` with what it is: its stage (a key of WRITTEN_BY) and CHECKPOINT_FORMAT."""
+    return {**state, "stage": stage, "format": CHECKPOINT_FORMAT}
+
+
+def load_checkpoint(path, stage=None):
+    """A checkpoint of this project -> its dict. Given ``stage``, it must be one of that
+    stage in this format: a checkpoint of another stage, of another format, or from before
+    checkpoints recorded their stage is refused, naming the file and what was expected
+    (old checkpoints are not guessed at: retrain them)."""
+    ck = read_checkpoint(input_file(path, "expected a checkpoint file"))
+    if stage is None:
+        return ck
+    want = "expected a %s checkpoint (%s)" % (stage, WRITTEN_BY[stage])
+    if not isinstance(ck, dict):
+        raise DataError("%s: holds a %s, not a checkpoint of this project; %s"
+                        % (path, type(ck).__name__, want))
+    if "stage" not in ck:
+        raise DataError("%s: records no stage: written by an older version of this project "
+                        "(or not by it); %s: retrain it" % (path, want))
+    if ck["stage"] != stage:
+        raise DataError("%s: a %s checkpoint; %s" % (path, ck["stage"], want))
+    if ck.get("format") != CHECKPOINT_FORMAT:
+        raise DataError("%s: checkpoint format %s; this version reads format %d: retrain it"
+                        % (path, ck.get("format"), CHECKPOINT_FORMAT))
+    return ck
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only; any file it cannot read is a DataError naming it."""
     import torch
-    if not os.path.exists(path):
-        raise DataError("%s: checkpoint not found" % path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise DataError("%s: holds objects other than tensors and plain types, which are "
-                        "refused rather than run; not a checkpoint this project wrote"
-                        % path) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:  # a torn copy, a flipped byte
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise DataError("%s: holds objects other than tensors and plain types, which are "
+                            "refused rather than run; not a checkpoint this project wrote"
+                            % path) from None
+        reason = "not a file torch.save wrote"
+    # a torn copy or a flipped byte: by the cut point, torch.load fails in any of these
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError,
+            zipfile.BadZipFile) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError("%s: not a readable checkpoint (%s); truncated or corrupt? copy it "
-                        "again or retrain" % (path, reason)) from None
+        reason = "%s: %s" % (type(e).__name__, reason) if isinstance(e, KeyError) else reason
+    raise DataError("%s: not a readable checkpoint (%s); truncated or corrupt? copy it "
+                    "again or retrain" % (path, reason))
+
+
+def input_file(path, hint):
+    """``path`` when it is a file; a DataError naming it when it is missing or a folder,
+    followed by ``hint`` (what was expected there)."""
+    if os.path.isdir(path):
+        raise DataError("%s: a folder; %s" % (path, hint))
+    if not os.path.exists(path):
+        raise DataError("%s: not found; %s" % (path, hint))
+    return path
+
+
+def check_writable(folder, flag="--out"):
+    """Before any heavy work: ``folder`` (made later, if absent) can be written. Probes the
+    nearest folder that exists with a file created and removed at once; a DataError naming
+    ``flag``, the folder and the reason otherwise (read-only, a file in the way)."""
+    here = os.path.abspath(folder)
+    while not os.path.exists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise DataError("%s %s: %s is a file, not a folder" % (flag, folder, here))
+    try:
+        with tempfile.TemporaryFile(dir=here):
+            pass
+    except OSError as e:
+        raise DataError("%s %s: cannot write in %s (%s)" % (flag, folder, here,
+                                                            e.strerror or e)) from None
 
 
 def cli(main):
@@ -59,6 +129,26 @@ def cli(main):
         main()
     except DataError as e:
         sys.exit("error: %s" % e)
+
+
+def bounded(kind=int, *, low, why, above=False, high=None):
+    """An argparse type: a ``kind`` (int or float) >= ``low`` (> with ``above``; <=
+    ``high`` if given), finite, else the flag's own one-line message that says ``why``."""
+    rng = ("%s %g" % (">" if above else ">=", low) if high is None
+           else "in %s%g, %g]" % ("(" if above else "[", low, high))
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected %s, got %r" % (
+                "an integer" if kind is int else "a number", text)) from None
+        ok = (v > low if above else v >= low) and (high is None or v <= high)
+        if not ok or not np.isfinite(v):
+            raise argparse.ArgumentTypeError("must be %s (%s), got %s" % (rng, why, text))
+        return v
+    parse.__name__ = kind.__name__
+    return parse
 
 
 DIST_TIMEOUT_S = 600  # longer than rank 0's evaluation, which the other ranks wait for

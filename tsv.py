@@ -214,6 +214,10 @@ def read_candidates(path, skip_bad=False, with_arrays=True):
         first.setdefault(q, line)
         first[q, pid] = line
         out.setdefault(q, {"query": row["query"], "products": []})["products"].append(row)
+    if not out:
+        raise DataError("%s: no %s after the header; a candidate split lists one query at "
+                        "least" % (path, "good rows (%d bad rows skipped)" % len(bad) if bad
+                                   else "rows"))
     if bad:
         log.warning("%s: skipped %d bad rows:\n  %s", path, len(bad), "\n  ".join(bad[:20]))
     return out

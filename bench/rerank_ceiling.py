@@ -44,10 +44,12 @@ def parse_args(argv=None):
                    help="a member's checkpoint, as retrieve.py --member")
     p.add_argument("--data", help="data root (default: the checkpoint's)")
     p.add_argument("--split", default="valid", help="the queries' split")
-    p.add_argument("--queries", type=engine.positive_int, default=50,
-                   help="the first N queries of the split by id")
-    p.add_argument("--k", type=engine.positive_int, default=100, help="products retrieved")
-    p.add_argument("--rerank-chunk", type=engine.positive_int, default=32,
+    p.add_argument("--queries", type=runtime.bounded(low=1, why="queries to re-rank"),
+                   default=50, help="the first N queries of the split by id")
+    p.add_argument("--k", type=runtime.bounded(low=1, why="products listed per query"),
+                   default=100, help="products retrieved")
+    p.add_argument("--rerank-chunk", type=runtime.bounded(low=1, why="queries re-ranked at "
+                                                                  "once"), default=32,
                    help="queries re-ranked at once, as retrieve.py's")
     p.add_argument("--out", default="ceiling", help="output folder")
     # the train products from the checkpoint's store, as retrieve.py's defaults

@@ -24,9 +24,10 @@ from model1.model import PRESETS, build_model  # noqa: E402
 def parse_args(argv=None):
     p = matching.train_parser(__doc__.split("\n")[0], PRESETS, in_batch=True)
     g = p.add_argument_group("model1")
-    g.add_argument("--hidden", type=int, help="GRU width")
-    g.add_argument("--weight-hidden", type=int, help="hidden width of the word-weight MLP")
-    g.add_argument("--margin", type=float)
+    width = runtime.bounded(low=1, why="a width")
+    g.add_argument("--hidden", type=width, help="GRU width")
+    g.add_argument("--weight-hidden", type=width, help="hidden width of the word-weight MLP")
+    g.add_argument("--margin", type=runtime.bounded(float, low=0, why="a margin"))
     g.add_argument("--uniform-weights", action="store_true",
                    help="average the word scores instead of learning weights (ablation)")
     return p.parse_args(argv)

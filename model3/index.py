@@ -76,6 +76,10 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     data, info = a.data or ck["args"]["data"], a.info or ck["args"]["info"]
+    if retrieve.train_from_tsv(a, ck["args"]):
+        raise utils.DataError("--data %s: the index holds the catalogue of the checkpoint's "
+                              "world (%s), whose train queries it shows; leave --data out"
+                              % (a.data, ck["args"]["data"]))
     gallery, lines = retrieve.gallery_splits(a, data), {}
     sources = retrieve.product_sources(a, ck["args"], gallery, lines)
     pids, vectors = retrieve.encode_gallery(

@@ -35,23 +35,52 @@ PAIR_SCORERS = ("multilabel",) + tuple(BUILDERS)
 # The blend and its members
 # --------------------------------------------------------------------------------------
 def read_blend(path):
-    """ensemble.json -> (members, weights in their order, normalisation)."""
+    """ensemble.json -> (members, weights in their order, normalisation), every part checked
+    (a small file, read before anything heavy runs): a DataError naming the file and what
+    is wrong with it."""
     try:
         with open(path) as f:
             blend = json.load(f)
-        models, how = blend["models"], blend["how"]
-        weights = [blend["weights"][m] for m in models]
+        models, how, weights = blend["models"], blend["how"], blend["weights"]
     except FileNotFoundError:
         raise utils.DataError("%s: not found; run ensemble.py first" % path) from None
+    except IsADirectoryError:
+        raise utils.DataError("%s: a folder; expected the ensemble.json of ensemble.py"
+                              % path) from None
     except (ValueError, KeyError, TypeError) as e:
         raise utils.DataError("%s: not a blend of ensemble.py (%s: %s); rerun ensemble.py"
                               % (path, type(e).__name__, e)) from None
+
+    def bad(reason, *args):
+        return utils.DataError("%s: %s" % (path, reason % args))
+    if not isinstance(models, list) or len(models) < 2 or \
+            not all(isinstance(m, str) for m in models):
+        raise bad("\"models\" must list two or more member names, got %r", models)
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise bad("member %s is listed twice", twice[0])
     unknown = [m for m in models if m not in PAIR_SCORERS]
     if unknown:
-        raise utils.DataError("%s: member %s scores only the candidates of its prediction "
-                              "files; re-ranking needs members that score any pair (%s)"
-                              % (path, unknown[0], ", ".join(PAIR_SCORERS)))
-    return models, weights, how
+        raise bad("member %s scores only the candidates of its prediction files; re-ranking "
+                  "needs members that score any pair (%s)", unknown[0], ", ".join(PAIR_SCORERS))
+    if how not in ensemble.HOWS:
+        raise bad("normalisation \"how\" is %r, not one of %s", how, ", ".join(ensemble.HOWS))
+    if not isinstance(weights, dict):
+        raise bad("\"weights\" must map each member to its weight, got %r", weights)
+    stray = sorted(set(weights) - set(models))
+    if stray:
+        raise bad("a weight for %s, which is not among the members %s", stray[0],
+                  ", ".join(models))
+    for m in models:
+        if m not in weights:
+            raise bad("no weight for member %s", m)
+        if isinstance(weights[m], bool) or not isinstance(weights[m], (int, float)):
+            raise bad("the weight of %s is %r, not a number", m, weights[m])
+    try:
+        w = ensemble.check_weights([weights[m] for m in models], len(models), models)
+    except ValueError as e:
+        raise bad("%s", e) from None
+    return models, w.tolist(), how
 
 
 def member_checkpoints(blend_path, models, given=()):

@@ -6,11 +6,13 @@
 
 The gallery is every product of train (read from the checkpoint's product store) and of
 the candidate splits (streamed from their TSV), each encoded once, in batches, keeping only
-its vector. Each query's K best products by dot product: exact by default (chunked matmul
-with a running top K, ties by product id), or through faiss (``faiss``: IndexFlatIP, exact;
-``hnsw``: IndexHNSWFlat, approximate). Writes OUT/valid_gallery_model3.json and
-OUT/test_gallery_model3.json (testB), {"<query_id>": [["<product_id>", score], ...]}, K
-entries best first; prints Recall@10, Recall@100 and NDCG@5 where the split has
+its vector. ``--data`` another data root than the checkpoint's: the whole gallery comes
+from that root, train streamed from its train/train.tsv (one world per command). Each
+query's K best products by dot product: exact by default (chunked matmul with a running top
+K, ties by product id), or through faiss (``faiss``: IndexFlatIP, exact; ``hnsw``:
+IndexHNSWFlat, approximate; a query whose K it cannot fill gets the exact K). Writes
+OUT/valid_gallery_model3.json and OUT/test_gallery_model3.json (testB),
+{"<query_id>": [["<product_id>", score], ...]}, K entries best first; prints Recall@10, Recall@100 and NDCG@5 where the split has
 ``<split>_gallery_answer.json`` (generated worlds), and writes them to
 OUT/gallery_metrics.json ({split: {metric: value}}). With ``--rerank ENSEMBLE_JSON``, each
 query's K are then re-ranked by the blend ensemble.py recorded (``model3/rerank.py``) and
@@ -98,13 +100,22 @@ def faiss_index(dim, hnsw=False):
 
 def faiss_search(queries, gallery, k, hnsw=False):
     """The same through faiss: IndexFlatIP (exact; ties in faiss's order) or, with ``hnsw``,
-    IndexHNSWFlat (approximate; a row it cannot fill is -1)."""
+    IndexHNSWFlat (approximate). HNSW leaves a list short (rows of -1) when its graph walk
+    reaches fewer than K products, as when K nears the gallery's size: such a query gets
+    the exact K instead, so every list holds K."""
     check_k(k, len(gallery))
     g = np.ascontiguousarray(gallery.cpu().numpy(), np.float32)
     index = faiss_index(g.shape[1], hnsw)
     index.add(g)
-    scores, rows = index.search(np.ascontiguousarray(queries.cpu().numpy(), np.float32), k)
-    return torch.from_numpy(scores), torch.from_numpy(rows)
+    queries = queries.cpu()
+    scores, rows = index.search(np.ascontiguousarray(queries.numpy(), np.float32), k)
+    scores, rows = torch.from_numpy(scores), torch.from_numpy(rows)
+    short = (rows < 0).any(1).nonzero()[:, 0]
+    if len(short):
+        utils.log.info("hnsw: %d of %d queries found fewer than %d products; their lists come "
+                       "from the exact search", len(short), len(rows), k)
+        scores[short], rows[short] = exact_search(queries[short], gallery, k)
+    return scores, rows
 
 
 # --------------------------------------------------------------------------------------
@@ -177,11 +188,9 @@ def encode_gallery(model, rows, batch_size=256, sort_window=16):
 
 
 def rankings(qids, pids, scores, rows):
-    """-> {qid: [(pid, score), ...]} best first; a faiss row of -1 (unfilled) is dropped."""
-    out = {}
-    for q, s, r in zip(qids, scores.tolist(), rows.tolist()):
-        out[int(q)] = [(int(pids[j]), v) for v, j in zip(s, r) if j >= 0]
-    return out
+    """-> {qid: [(pid, score), ...]} best first."""
+    return {int(q): [(int(pids[j]), v) for v, j in zip(s, r)]
+            for q, s, r in zip(qids, scores.tolist(), rows.tolist())}
 
 
 def gallery_metrics(preds, answers, k):
@@ -208,7 +217,8 @@ def add_gallery_args(p):
     p.add_argument("--info", help="info/ folder, for the train products (default: the "
                                   "checkpoint's)")
     p.add_argument("--export", help="encoder export (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=engine.positive_int, default=256,
+    p.add_argument("--batch-size", type=runtime.bounded(low=1, why="the products encoded at "
+                                                                "once"), default=256,
                    help="products encoded at once")
 
 
@@ -217,7 +227,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True, help="best.pt or last.pt of model3/train.py")
     p.add_argument("--split", action="append", choices=CANDIDATE_SPLITS,
                    help="queries to retrieve for (repeatable; default valid and testB)")
-    p.add_argument("--k", type=engine.positive_int, default=100, help="products per query")
+    p.add_argument("--k", type=runtime.bounded(low=1, why="the products listed per query"),
+                   default=100, help="products per query")
     p.add_argument("--out", default="retrieval", help="output folder")
     p.add_argument("--index", default="exact", choices=["exact", "faiss", "hnsw"],
                    help="exact: chunked matmul; faiss: IndexFlatIP; hnsw: IndexHNSWFlat")
@@ -231,7 +242,8 @@ def parse_args(argv=None):
                         "ENSEMBLE_JSON, unless --member names it")
     r.add_argument("--member", action="append", default=[], metavar="MEMBER=PATH",
                    help="a member's checkpoint, e.g. model1=runs/model1/last.pt (repeatable)")
-    r.add_argument("--rerank-chunk", type=engine.positive_int, default=32,
+    r.add_argument("--rerank-chunk", type=runtime.bounded(low=1, why="the queries re-ranked "
+                                                                  "at once"), default=32,
                    help="queries re-ranked at once (their K products' regions in memory)")
     return p.parse_args(argv)
 
@@ -249,36 +261,54 @@ def gallery_splits(a, data):
                                      if os.path.exists(engine.split_paths(data, s)[0])]
 
 
+def train_from_tsv(a, ck_args):
+    """Whether the train products come from DATA/train/train.tsv: when --data names another
+    data root than the checkpoint's, whose store would be another world's. The store's
+    options then name nothing of this world and are refused."""
+    if not a.data or os.path.abspath(a.data) == os.path.abspath(ck_args["data"]):
+        return False
+    given = [f for f in ("store", "features", "packed", "info") if getattr(a, f, None)]
+    if given:
+        raise utils.DataError("--%s names the train store of the checkpoint's data root %s; "
+                              "with --data %s the whole gallery comes from %s, train from its "
+                              "train/train.tsv: leave --%s out" % (
+                                  given[0], ck_args["data"], a.data, a.data, given[0]))
+    return True
+
+
 def product_sources(a, ck_args, splits, lines=None):
     """The row sources of the gallery splits: train from the store the options name (each
-    defaults to the checkpoint's), the candidate splits from their TSV (``lines`` gets where
-    each of their rows lies, see ``split_rows``)."""
+    defaults to the checkpoint's) or, with ``train_from_tsv``, from its TSV as the candidate
+    splits (``lines`` gets where each TSV row lies, see ``split_rows``). Every file is
+    checked here, before any product is read."""
     data, max_boxes = a.data or ck_args["data"], ck_args.get("max_boxes")
     sources = []
     for split in splits:
-        if split == "train":
+        if split == "train" and not train_from_tsv(a, ck_args):
             queries, _ = utils.load_info(a.info or ck_args["info"])
             pids = np.unique(utils.ragged_parts(queries["products"])[0])
             sources.append(store_rows(engine.build_store(store_options(a, ck_args, max_boxes)),
                                       pids))
         else:
-            sources.append(split_rows(engine.split_paths(data, split)[0], max_boxes, lines))
+            sources.append(split_rows(engine.split_tsv(data, split), max_boxes, lines))
     return sources
 
 
 def retrieve(model, vocab, *, data, splits, sources, k, index="exact", batch_size=256):
     """Encode the gallery once, then each split's queries -> ({split: rankings},
-    {split: {qid: query text}}, number of products)."""
+    {split: {qid: query text}}, number of products). The queries are read first: a bad
+    split fails before the gallery is encoded."""
+    texts = {}
+    for split in splits:
+        cands = tsv.read_candidates(engine.split_tsv(data, split), with_arrays=False)
+        texts[split] = {q: cands[q]["query"] for q in sorted(cands)}
     t, device = time.time(), next(model.parameters()).device
     pids, gallery = encode_gallery(model, gallery_rows(sources), batch_size)
     utils.log.info("gallery: %d products encoded in %.0f s", len(pids), time.time() - t)
-    results, texts = {}, {}
+    results = {}
     for split in splits:
-        path, _ = engine.split_paths(data, split)
-        cands = tsv.read_candidates(path, with_arrays=False)
-        qids = sorted(cands)
-        texts[split] = {q: cands[q]["query"] for q in qids}
-        queries = encode_texts(model, vocab, [cands[q]["query"] for q in qids]).to(device)
+        qids = list(texts[split])
+        queries = encode_texts(model, vocab, list(texts[split].values())).to(device)
         if index == "exact":
             scores, rows = exact_search(queries, gallery, k)
         else:
@@ -299,7 +329,7 @@ def rerank_splits(a, ck_args, blend, *, gallery, lines, results, texts):
     """--rerank: every split's retrieved K re-ranked by the blend (``rerank.load_blend``)
     -> {split: rankings}; the products are read again from where the gallery read them."""
     store = (engine.build_store(store_options(a, ck_args, blend["max_boxes"]))
-             if "train" in gallery else None)
+             if "train" in gallery and not train_from_tsv(a, ck_args) else None)
     get = rerank.GalleryProducts(store, lines, blend["max_boxes"]).get
     out = {}
     for split, retrieved in results.items():
@@ -315,18 +345,20 @@ def rerank_splits(a, ck_args, blend, *, gallery, lines, results, texts):
 def main(argv=None):
     a = parse_args(argv)
     runtime.setup_logging()
-    model, vocab, ck = matching.load_trained(build_model, a.ckpt, a.export)
+    runtime.check_writable(a.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    # the blend's members load before the gallery is encoded: a bad one fails at once
+    # everything that can be checked is, before the gallery is encoded: the output folder,
+    # the blend and its members, the checkpoint, every split and the gallery's files
     blend = rerank.load_blend(a.rerank, device, a.member) if a.rerank else None
+    model, vocab, ck = matching.load_trained(build_model, a.ckpt, a.export)
+    model.to(device).eval()
     data = a.data or ck["args"]["data"]
     splits = a.split or ["valid", "testB"]
     gallery = gallery_splits(a, data)
     lines = {}
-    results, texts, n = retrieve(
-        model, vocab, data=data, splits=splits, k=a.k, index=a.index,
-        sources=product_sources(a, ck["args"], gallery, lines), batch_size=a.batch_size)
+    sources = product_sources(a, ck["args"], gallery, lines)
+    results, texts, n = retrieve(model, vocab, data=data, splits=splits, k=a.k, index=a.index,
+                                 sources=sources, batch_size=a.batch_size)
     # output name -> (rankings, what the printed line says, prefix of its metrics)
     outputs = {"model3": (results, "top %d of %d products" % (a.k, n), "")}
     if blend:

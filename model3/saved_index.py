@@ -162,6 +162,10 @@ class SavedIndex:
                 % (self.folder, self.manifest["catalogue"]["data"], len(self.pids), data,
                    len(ids), data))
 
+    def vectors(self):
+        """(P, D) float32 product vectors, memory-mapped."""
+        return np.load(os.path.join(self.folder, VECTORS), mmap_mode="r")
+
     def products(self):
         if self._products is None:
             with np.load(os.path.join(self.folder, PRODUCTS)) as z:

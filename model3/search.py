@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,12 @@ def search(saved, model, vocab, texts, k):
     query.check_k(k, saved.index.ntotal)
     vectors = query.encode_texts(model, vocab, [texts[i] for i in found]).numpy()
     scores, rows = saved.index.search(vectors, k)
-    ranked = {i: [(int(saved.pids[r]), float(s)) for s, r in zip(ss, rr) if r >= 0]
+    short = (rows < 0).any(1)
+    if short.any():  # an HNSW index can leave a list short: those come from the exact search
+        exact = vectors[short] @ saved.vectors().T
+        rows[short] = np.argsort(-exact, 1, kind="stable")[:, :k]
+        scores[short] = np.take_along_axis(exact, rows[short], 1)
+    ranked = {i: [(int(saved.pids[r]), float(s)) for s, r in zip(ss, rr)]
               for i, ss, rr in zip(found, scores.tolist(), rows.tolist())}
     return ranked, words
 
@@ -64,10 +70,13 @@ def rerank_ranked(a, saved, ranked, texts):
     products read again from where the index read them."""
     from model3 import rerank, retrieve  # the blend's members: loaded only when asked for
     blend = rerank.load_blend(a.rerank, torch.device("cpu"), a.member)
-    store = saved.manifest["store"] or dict(store=None, features=None, packed=None)
-    options = argparse.Namespace(rerank_chunk=a.rerank_chunk, **store)
+    store, gallery = saved.manifest["store"], saved.manifest["catalogue"]["gallery"]
+    if not store:  # train was read from its TSV (or is not in the gallery): rows, like the rest
+        store, gallery = dict(store=None, features=None, packed=None), \
+            [g for g in gallery if g != "train"]
+    options = argparse.Namespace(rerank_chunk=a.rerank_chunk, data=None, **store)
     return retrieve.rerank_splits(
-        options, {}, blend, gallery=saved.manifest["catalogue"]["gallery"],
+        options, {}, blend, gallery=gallery,
         lines=saved.lines(), results={"search": ranked},
         texts={"search": {i: texts[i] for i in ranked}})["search"]
 

@@ -25,7 +25,8 @@ from model3.model import PRESETS, build_model  # noqa: E402
 def parse_args(argv=None):
     p = matching.train_parser(__doc__.split("\n")[0], PRESETS, in_batch=True)
     g = p.add_argument_group("model3")
-    g.add_argument("--dim", type=int, help="width of the product and query vectors")
+    g.add_argument("--dim", type=runtime.bounded(low=1, why="a width"),
+                   help="width of the product and query vectors")
     g.add_argument("--freeze-trunk", type=int, choices=[0, 1],
                    help="1: keep the pretrained trunk frozen; 0: fine-tune it at --lr-trunk")
     g.add_argument("--pool", choices=["attn", "mean"],

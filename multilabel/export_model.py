@@ -14,17 +14,19 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import runtime  # noqa: E402
+from tsv import DataError  # noqa: E402
 from multilabel.model import ImageEncoder, load_export  # noqa: E402
 
 
 def export(ckpt_path, out):
-    ck = runtime.load_checkpoint(ckpt_path)
+    ck = runtime.load_checkpoint(ckpt_path, "multilabel")
     state = ck["model"]
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    payload = {"config": ck["encoder_config"], "encoder": enc,
-               "word_emb": state["word_emb.weight"].clone(), "vocab": list(ck["vocab"]),
-               "source": {"checkpoint": os.path.abspath(ckpt_path), "epoch": ck["epoch"],
-                          "preset": ck["args"].get("preset")}}
+    payload = runtime.stamp({
+        "config": ck["encoder_config"], "encoder": enc,
+        "word_emb": state["word_emb.weight"].clone(), "vocab": list(ck["vocab"]),
+        "source": {"checkpoint": os.path.abspath(ckpt_path), "epoch": ck["epoch"],
+                   "preset": ck["args"].get("preset")}}, "export")
     ImageEncoder(payload["config"]).load_state_dict(enc, strict=True)  # fail here, not later
     runtime.save_checkpoint(payload, out)
     return payload
@@ -35,6 +37,9 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="multilabel checkpoint (best.pt or last.pt)")
     p.add_argument("--out", required=True, help="export file to write")
     a = p.parse_args(argv)
+    if os.path.isdir(a.out):
+        raise DataError("--out %s: a folder; give the export file to write" % a.out)
+    runtime.check_writable(os.path.dirname(os.path.abspath(a.out)))
     epoch = export(a.ckpt, a.out)["source"]["epoch"]
     encoder, word_emb, _, _ = load_export(a.out)  # read back as model1 and model2 will
     n = sum(w.numel() for w in encoder.parameters())

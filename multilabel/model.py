@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import runtime
 import text
-import utils
 
 PRESETS = {  # paper: the published settings; small: this CPU in minutes; tiny: tests
     "paper": dict(encoder="paper", batch_size=200, lr=1e-4, weight_decay=1e-6, gamma=0.96,
@@ -235,11 +234,7 @@ def build_model(args, vocab_size):
 
 def load_export(path):
     """-> (ImageEncoder with the pretrained weights, word embeddings (V, E), Vocab, config)."""
-    ex = runtime.load_checkpoint(path)
-    for key in ("config", "encoder", "word_emb", "vocab"):
-        if key not in ex:
-            raise utils.DataError("%s: not an encoder export (no %r); use multilabel/"
-                                  "export_model.py" % (path, key))
+    ex = runtime.load_checkpoint(path, "export")
     enc = ImageEncoder(ex["config"])
     enc.load_state_dict(ex["encoder"], strict=True)
     return enc, ex["word_emb"], text.Vocab(ex["vocab"]), dict(ex["config"])

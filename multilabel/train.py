@@ -29,10 +29,13 @@ log = logging.getLogger("kddmm")
 def parse_args(argv=None):
     p = engine.core_parser(__doc__.split("\n")[0], PRESETS)
     g = p.add_argument_group("pretraining")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--gamma", type=float, help="learning-rate decay per epoch")
-    g.add_argument("--k-hard", type=int, help="hardest negative words per sample")
+    g.add_argument("--lr", type=runtime.bounded(float, low=0, above=True, why="a learning rate"))
+    g.add_argument("--weight-decay", type=runtime.bounded(float, low=0, why="0: no decay"))
+    g.add_argument("--gamma", type=runtime.bounded(float, low=0, above=True, why="the factor "
+                                                   "of the learning rate after each epoch"),
+                   help="learning-rate decay per epoch")
+    g.add_argument("--k-hard", type=runtime.bounded(low=1, why="negative words per sample"),
+                   help="hardest negative words per sample")
     g.add_argument("--transform", choices=["none", "sqrt", "log1p"],
                    help="variance-stabilising transform of the raw region features "
                         "(published: none)")
@@ -63,6 +66,7 @@ def load_word_vectors(path, vocab, dim):
 
 def main(argv=None):
     args = engine.apply_preset(parse_args(argv), PRESETS)
+    runtime.check_writable(args.out)
     dist = runtime.Dist(args.local_rank, timeout_s=args.dist_timeout)
     runtime.setup_logging(dist.main)
     runtime.seed_everything(args.seed, dist.rank)
@@ -79,7 +83,7 @@ def main(argv=None):
     groups = [dict(params=list(model.parameters()), lr=args.lr, weight_decay=args.weight_decay)]
     # only rank 0 evaluates: the other ranks never read the evaluation split
     evaluate = make_evaluator(args, vocab) if dist.main and not args.no_eval else None
-    history = engine.fit(args, model, dataset, dist=dist, groups=groups,
+    history = engine.fit(args, model, dataset, stage="multilabel", dist=dist, groups=groups,
                          collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
                          evaluate=evaluate,
                          extra_state={"vocab": vocab.itos, "encoder_config": model.encoder.config})

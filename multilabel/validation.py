@@ -53,7 +53,7 @@ def make_evaluator(args, vocab):
 
 
 def load_pretrainer(path):
-    ck = runtime.load_checkpoint(path)
+    ck = runtime.load_checkpoint(path, "multilabel")
     vocab = text.Vocab(ck["vocab"])
     model = Pretrainer(ck["encoder_config"], len(vocab), ck["args"]["k_hard"])
     model.load_state_dict(ck["model"], strict=True)
@@ -91,18 +91,26 @@ def main(argv=None):
     p.add_argument("--split", action="append", help="valid, testA, testB (repeatable; default "
                                                     "valid); captions are of the first")
     p.add_argument("--out", help="prediction folder: write {valid,test}_pred_multilabel.json")
-    p.add_argument("--captions", type=int, default=8, help="products to caption")
-    p.add_argument("--beam", type=int, default=3)
-    p.add_argument("--max-boxes", type=engine.positive_int,
+    p.add_argument("--captions", type=runtime.bounded(low=0, why="0: none"), default=8,
+                   help="products to caption")
+    p.add_argument("--beam", type=runtime.bounded(low=1, why="the captions kept at each step"),
+                   default=3)
+    p.add_argument("--max-boxes", type=runtime.bounded(low=1, why="leave it out to keep every "
+                                                                  "box"),
                    help="keep at most this many boxes per product (default: every box)")
     p.add_argument("--skip-bad", action="store_true", help="skip, count and list bad rows")
     a = p.parse_args(argv)
+    if a.out:
+        runtime.check_writable(a.out)
+    splits = a.split or ["valid"]
+    for split in splits:  # all there before the first is scored
+        engine.split_tsv(a.data, split)
     model, vocab, ck = load_pretrainer(a.ckpt)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     # result: "ndcg5" and "captions" of the first split, {split: NDCG@5} under "splits"
     result, writers = {"splits": {}}, {}
-    for split in a.split or ["valid"]:
+    for split in splits:
         tsv, ans = engine.split_paths(a.data, split)
         cset = utils.CandidateSet.from_tsv(tsv, vocab, a.max_boxes, skip_bad=a.skip_bad)
         answers = metric.load_answers(ans, cset.products()) if ans else None

@@ -350,3 +350,128 @@ def test_pack_refuses_a_disk_without_room(tiny_world, tmp_path, monkeypatch):
                                         "the disk has 0.00 GB free"):
         prepare.pack(tiny_world.features, info=tiny_world.info, out=out, progress=False)
     assert not any(n.endswith(".tmp") for n in os.listdir(out))
+
+
+# --------------------------------------------------------------------------------------
+# Numbers refused at parse time, each with its own message
+# --------------------------------------------------------------------------------------
+def _parsers():
+    from model3 import retrieve, train as m3_train
+    from multilabel import validation as ml_validation
+    return {"train": lambda argv: m3_train.parse_args(["--out", "o"] + argv),
+            "retrieve": lambda argv: retrieve.parse_args(["--ckpt", "c.pt"] + argv),
+            "ensemble": lambda argv: ensemble.parse_args(["--valid-answers", "v.json"] + argv),
+            "captions": lambda argv: ml_validation.main(["--ckpt", "c.pt"] + argv)}
+
+
+BAD_NUMBERS = [  # parser, flag, value, what its message says
+    ("train", "--epochs", "0", r"must be >= 1 \(the epochs to train"),
+    ("train", "--epochs", "-2", r"must be >= 1 \(the epochs to train"),
+    ("train", "--batch-size", "0", r"must be >= 1 \(the pairs of a step on each process\)"),
+    ("train", "--dist-timeout", "0", r"must be > 0 \(the seconds a collective waits\)"),
+    ("train", "--dist-timeout", "-5", r"must be > 0 \(the seconds a collective waits\)"),
+    ("train", "--dist-timeout", "nan", r"must be > 0 \(the seconds a collective waits\)"),
+    ("train", "--workers", "-1", r"must be >= 0 \(0 reads in the main process\)"),
+    ("train", "--steps-per-epoch", "0", r"must be >= 1 \(leave it out for whole epochs\)"),
+    ("train", "--lr-text", "0", r"must be > 0 \(a learning rate\)"),
+    ("train", "--p-last", "1.5", r"must be in \[0, 1\] \(a probability\)"),
+    ("train", "--epochs", "two", r"expected an integer, got 'two'"),
+    ("retrieve", "--k", "0", r"must be >= 1 \(the products listed per query\)"),
+    ("retrieve", "--batch-size", "0", r"must be >= 1 \(the products encoded at once\)"),
+    ("retrieve", "--rerank-chunk", "0", r"must be >= 1 \(the queries re-ranked at once\)"),
+    ("ensemble", "--simplex-step", "0", r"must be in \(0, 1\] \(1/m for a whole m\)"),
+    ("ensemble", "--simplex-step", "0.3", r"must be 1/m for a whole m"),
+    ("ensemble", "--grid", "1", r"must be >= 2 \(the t grid's points"),
+    ("ensemble", "--k", "1", r"must be >= 2 \(the folds of the k-fold estimate\)"),
+    ("captions", "--beam", "0", r"must be >= 1 \(the captions kept at each step\)"),
+]
+
+
+@pytest.mark.parametrize("parser,flag,value,says", BAD_NUMBERS)
+def test_a_number_out_of_range_is_refused_at_parse_time(capsys, parser, flag, value, says):
+    with pytest.raises(SystemExit) as e:
+        _parsers()[parser]([flag, value])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"error: argument %s: (%s)" % (flag, says), last), last
+    assert "every box" not in last
+
+
+def test_each_flag_has_its_own_message(capsys):
+    said = {}
+    for parser, flag, value, _ in BAD_NUMBERS:
+        with pytest.raises(SystemExit):
+            _parsers()[parser]([flag, value])
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        if "must be" in last:
+            said.setdefault((parser, flag), last.split(flag + ": ", 1)[1].rsplit(", got", 1)[0])
+    assert len(set(said.values())) == len(said), said
+
+
+# --------------------------------------------------------------------------------------
+# Files checked before heavy work: the output folder, splits, answers, folders for files
+# --------------------------------------------------------------------------------------
+def _read_only(tmp_path):
+    """A folder this process cannot write in: a chmod 555 folder, or /sys for root."""
+    ro = tmp_path / "ro"
+    os.makedirs(ro)
+    os.chmod(ro, 0o555)
+    try:
+        with open(ro / "probe", "w"):
+            pass
+    except OSError:
+        return str(ro)
+    os.remove(ro / "probe")
+    return "/sys"
+
+
+def test_a_read_only_out_is_one_line_before_any_work(tmp_path, tiny_world):
+    from model3 import train as m3_train
+    ro = os.path.join(_read_only(tmp_path), "m3")
+    with pytest.raises(DataError, match=r"--out %s: cannot write in " % re.escape(ro)):
+        m3_train.main(["--data", tiny_world.data, "--info", str(tmp_path / "no-info"),
+                       "--preset", "tiny", "--out", ro])
+    pred, data = _ensemble_world(tmp_path / "e")
+    with pytest.raises(SystemExit, match=r"error: --out .*: cannot write in "):
+        ensemble.main(["--pred-dir", pred, "--valid-answers",
+                       os.path.join(data, "valid", "valid_answer.json"),
+                       "--out", os.path.join(ro, "submission.csv"), "--k", "2"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match=r"error: --out .*a_file/sub: .*a_file is a file, "
+                                         r"not a folder"):
+        ensemble.main(["--pred-dir", pred, "--valid-answers",
+                       os.path.join(data, "valid", "valid_answer.json"),
+                       "--out", str(a_file / "sub" / "submission.csv"), "--k", "2"])
+
+
+def test_a_missing_valid_answers_file_is_named_as_such(tmp_path):
+    pred, data = _ensemble_world(tmp_path / "e")
+    os.remove(os.path.join(data, "testB", "testB.tsv"))
+    with pytest.raises(SystemExit, match=r"error: .*nowhere\.json: not found; expected the "
+                                         r"--valid-answers file"):
+        ensemble.main(["--pred-dir", pred, "--valid-answers", str(tmp_path / "nowhere.json"),
+                       "--out", str(tmp_path / "s.csv")])
+    with pytest.raises(SystemExit, match=r"error: .*valid: a folder; expected the "
+                                         r"--valid-answers file"):
+        ensemble.main(["--pred-dir", pred, "--valid-answers", os.path.join(data, "valid"),
+                       "--out", str(tmp_path / "s.csv")])
+
+
+def test_a_split_missing_empty_or_a_folder_is_one_line(tmp_path):
+    import engine
+    data = tmp_path / "d"
+    with pytest.raises(DataError, match=r"valid\.tsv: not found; expected the candidate TSV "
+                                        r"of the valid split"):
+        engine.split_tsv(str(data), "valid")
+    os.makedirs(data / "testB" / "testB.tsv")
+    with pytest.raises(DataError, match=r"testB\.tsv: a folder; expected the candidate TSV"):
+        engine.split_tsv(str(data), "testB")
+    empty = write_tsv(str(data / "valid" / "valid.tsv"), [])
+    with pytest.raises(DataError, match=r"valid\.tsv: no rows after the header"):
+        tsv.read_candidates(empty)
+    bad = write_tsv(str(data / "valid" / "bad.tsv"), [make_row(1, n=1)[:-30] + "\n"])
+    with pytest.raises(DataError, match=r"bad\.tsv: no good rows \(1 bad rows skipped\)"):
+        tsv.read_candidates(bad, skip_bad=True)
+    with pytest.raises(DataError, match=r"testB: a folder; expected a JSON file"):
+        metric.load_answers(str(data / "testB"))

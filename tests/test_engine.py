@@ -58,8 +58,8 @@ def _fit(args, model=None, data=None, lr=1e-2):
     torch.manual_seed(0)
     model = model or Toy()
     groups = [dict(params=list(model.parameters()), lr=lr, weight_decay=0.0)]
-    return engine.fit(args, model, data or Pairs(), dist=runtime.Dist(), groups=groups,
-                      collate=torch.utils.data.default_collate)
+    return engine.fit(args, model, data or Pairs(), stage="model1", dist=runtime.Dist(),
+                      groups=groups, collate=torch.utils.data.default_collate)
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_products(tmp_path):

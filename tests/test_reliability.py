@@ -583,3 +583,201 @@ def test_nothing_is_written_outside_the_given_folders(tmp_path, tiny_world, pre)
     m2_train.main(_common(tiny_world, str(tmp_path / "m2"), epochs=1)
                   + ["--export", os.path.join(pre, "encoder.pt"), "--no-eval"])
     assert _snapshot(tiny_world.root) == before
+
+
+# --------------------------------------------------------------------------------------
+# Search: every list holds K; one world per command; the blend checked before the search
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [400, 455, 460])
+def test_hnsw_lists_hold_k_products_even_near_the_gallery_size(k):
+    from model3 import retrieve
+    gen = torch.Generator().manual_seed(0)
+    gallery = torch.nn.functional.normalize(torch.randn(460, 16, generator=gen), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(40, 16, generator=gen), dim=1)
+    scores, rows = retrieve.faiss_search(queries, gallery, k, hnsw=True)
+    assert rows.shape == (40, k) and (rows >= 0).all()
+    assert all(len(set(r)) == k for r in rows.tolist())
+    assert (scores[:, :-1] >= scores[:, 1:] - 1e-6).all()  # best first
+    exact_scores, _ = retrieve.exact_search(queries, gallery, k)
+    true = (queries @ gallery.t()).gather(1, rows)
+    assert torch.allclose(scores, true, atol=1e-5)  # each score is its row's dot product
+    # HNSW is approximate: the K it finds score no better than the exact K, and close
+    assert (scores.sum(1) <= exact_scores.sum(1) + 1e-4).all()
+    ranked = retrieve.rankings(list(range(40)), np.arange(460) + 10 ** 8, scores, rows)
+    assert all(len(v) == k for v in ranked.values())
+
+
+def _stand_in_retrieval(tiny_world, monkeypatch):
+    from test_retrieve import _stand_in
+    return _stand_in(tiny_world, monkeypatch)
+
+
+def _rows_of(root, splits):
+    """{pid: (boxes, feats)} of every row of the given TSVs of a data root, first row kept."""
+    from model3 import retrieve
+    out = {}
+    for split in splits:
+        for pid, boxes, feats in retrieve.split_rows(os.path.join(root, split, split + ".tsv")):
+            out.setdefault(pid, (boxes, feats))
+    return out
+
+
+def test_data_builds_the_whole_gallery_from_its_own_root(tiny_world, tmp_path, monkeypatch):
+    """--data OTHER: every product comes from OTHER (train from its train.tsv), none from the
+    checkpoint's store; --data naming the checkpoint's world by another path gives the
+    store's results exactly."""
+    from model3 import retrieve
+    model, vocab = _stand_in_retrieval(tiny_world, monkeypatch)
+    other = str(tmp_path / "other")
+    synthetic.generate(other, "tiny", seed=3, log=lambda *a: None)
+    out = str(tmp_path / "r")
+    retrieve.main(["--ckpt", "unused.pt", "--data", other, "--k", "20", "--out", out,
+                   "--split", "valid"])
+    rows = _rows_of(other, ["train", "valid", "testA", "testB"])
+    pids = sorted(rows)
+    with torch.no_grad():
+        vecs = torch.cat([model.encode_images(dict(zip(("boxes", "feats", "mask"),
+                                                       utils.pad_regions([rows[p]]))))
+                          for p in pids])
+    cands = tsv.read_candidates(os.path.join(other, "valid", "valid.tsv"), with_arrays=False)
+    got = metric.load_predictions(os.path.join(out, "valid_gallery_model3.json"))
+    for q, ranked in got.items():
+        text = retrieve.encode_texts(model, vocab, [cands[q]["query"]])[0]
+        want = dict(zip(pids, (vecs @ text).tolist()))
+        assert len(ranked) == 20 and set(ranked) <= set(pids)
+        assert all(abs(s - want[p]) < 1e-5 for p, s in ranked.items())
+        assert sorted(want.values(), reverse=True)[19] <= min(ranked.values()) + 1e-5
+    # the checkpoint's own world, named through a link: train.tsv gives what the store gives
+    link, same = str(tmp_path / "link"), str(tmp_path / "same")
+    os.symlink(tiny_world.data, link)
+    retrieve.main(["--ckpt", "unused.pt", "--k", "20", "--out", out, "--split", "valid"])
+    retrieve.main(["--ckpt", "unused.pt", "--data", link, "--k", "20", "--out", same,
+                   "--split", "valid"])
+    for name in ("valid_gallery_model3.json", "gallery_metrics.json"):
+        with open(os.path.join(out, name)) as a, open(os.path.join(same, name)) as b:
+            assert json.load(a) == json.load(b), name
+    with pytest.raises(DataError, match=r"--info names the train store of the checkpoint's "
+                                        r"data root .*; with --data .*other the whole gallery "
+                                        r"comes from .*other, train from its train/train\.tsv"):
+        retrieve.main(["--ckpt", "unused.pt", "--data", other, "--info", tiny_world.info,
+                       "--out", out])
+
+
+BAD_BLENDS = {  # ensemble.json content -> the one line it gives
+    "sum 2": ('{"how": "rank", "models": ["model1", "model2"], '
+              '"weights": {"model1": 1.0, "model2": 1.0}}', r"the weights sum to 2"),
+    "negative": ('{"how": "rank", "models": ["model1", "model2"], '
+                 '"weights": {"model1": -0.5, "model2": 1.5}}',
+                 r"the weight of model1 is -0.5, outside \[0, 1\]"),
+    "NaN": ('{"how": "rank", "models": ["model1", "model2"], '
+            '"weights": {"model1": NaN, "model2": 1.0}}', r"the weight of model1 is nan"),
+    "string": ('{"how": "rank", "models": ["model1", "model2"], '
+               '"weights": {"model1": "0.5", "model2": 0.5}}',
+               r"the weight of model1 is '0\.5', not a number"),
+    "unknown how": ('{"how": "softmax", "models": ["model1", "model2"], '
+                    '"weights": {"model1": 0.5, "model2": 0.5}}',
+                    r"normalisation \"how\" is 'softmax', not one of raw, zscore, rank"),
+    "member twice": ('{"how": "rank", "models": ["model1", "model1"], '
+                     '"weights": {"model1": 0.5}}', r"member model1 is listed twice"),
+    "unknown member": ('{"how": "rank", "models": ["model1", "model7"], '
+                       '"weights": {"model1": 0.5, "model7": 0.5}}',
+                       r"member model7 scores only the candidates"),
+    "stray weight": ('{"how": "rank", "models": ["model1", "model2"], '
+                     '"weights": {"model1": 0.5, "model2": 0.5, "model9": 0.0}}',
+                     r"a weight for model9, which is not among the members model1, model2"),
+    "missing weight": ('{"how": "rank", "models": ["model1", "model2"], '
+                       '"weights": {"model1": 1.0}}', r"no weight for member model2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BLENDS))
+def test_a_bad_blend_is_refused_before_the_gallery_is_encoded(tiny_world, tmp_path,
+                                                              monkeypatch, case):
+    from model3 import rerank, retrieve
+    _stand_in_retrieval(tiny_world, monkeypatch)
+    content, says = BAD_BLENDS[case]
+    blend = tmp_path / "run" / "prediction_result" / "ensemble.json"
+    os.makedirs(blend.parent)
+    blend.write_text(content)
+    monkeypatch.setattr(retrieve, "encode_gallery", lambda *a, **k: pytest.fail("encoded"))
+    monkeypatch.setattr(rerank, "load_member", lambda *a: pytest.fail("a member loaded"))
+    with pytest.raises(DataError, match=r"ensemble\.json: " + says):
+        retrieve.main(["--ckpt", "unused.pt", "--k", "10", "--out", str(tmp_path / "r"),
+                       "--rerank", str(blend)])
+
+
+def test_a_missing_split_is_named_before_the_gallery_is_encoded(tiny_world, tmp_path,
+                                                                monkeypatch):
+    from model3 import retrieve
+    _stand_in_retrieval(tiny_world, monkeypatch)
+    monkeypatch.setattr(retrieve, "encode_gallery", lambda *a, **k: pytest.fail("encoded"))
+    with pytest.raises(DataError, match=r"testB\.tsv: not found; expected the candidate TSV "
+                                        r"of the testB split"):
+        retrieve.main(["--ckpt", "unused.pt", "--data", _without(tiny_world, tmp_path, "testB"),
+                       "--out", str(tmp_path / "r"), "--split", "valid", "--split", "testB"])
+
+
+def _without(tiny_world, tmp_path, split):
+    """A copy of the tiny world's candidate splits without ``split`` -> its root."""
+    root = tmp_path / "copy"
+    for s in ("train", "valid", "testA", "testB"):
+        if s != split and os.path.exists(os.path.join(tiny_world.data, s)):
+            shutil.copytree(os.path.join(tiny_world.data, s), root / s)
+    return str(root)
+
+
+# --------------------------------------------------------------------------------------
+# The blend's weight search is bounded
+# --------------------------------------------------------------------------------------
+def test_the_simplex_grows_as_counted_and_is_generated_in_the_old_order():
+    import itertools
+    import ensemble
+    assert [ensemble.simplex_size(n) for n in range(3, 9)] == [231, 1771, 10626, 53130,
+                                                               230230, 888030]
+    for n, step in ((3, 0.05), (4, 0.1), (5, 0.25)):
+        m = round(1 / step)
+        old = [[*c, m - sum(c)] for c in itertools.product(range(m + 1), repeat=n - 1)
+               if sum(c) <= m]
+        assert np.array_equal(ensemble.simplex_points(n, step), np.array(old) / m)
+    assert ensemble.simplex_size(5) <= ensemble.MAX_GRID < ensemble.simplex_size(6)
+    with pytest.raises(ValueError, match="simplex_step must be 1/m"):
+        ensemble.simplex_points(3, 0.0)
+
+
+def test_coordinate_ascent_climbs_from_equal_weights_to_the_best_lattice_move():
+    import ensemble
+    target = np.array([0.6, 0.25, 0.1, 0.05, 0.0, 0.0])
+    w = ensemble.coordinate_ascent(lambda p: -((p - target) ** 2).sum(1), 6, 0.05)
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
+    assert np.abs(w - target).max() <= 0.05 + 1e-9
+
+
+def test_eight_members_are_tuned_by_coordinate_ascent_not_the_whole_grid(monkeypatch):
+    """8 members: 888030 grid points, so coordinate ascent instead; the one member that
+    knows the answers gets the weight, and the grid is never built."""
+    import ensemble
+    from test_ensemble import noisy_member, random_world
+    p1, _, answers = random_world(n_queries=30, seed=7)
+    perfect = {q: {p: float(p in answers[q]) for p in sc} for q, sc in p1.items()}
+    preds = [noisy_member(p1, s) for s in range(7)]
+    preds.insert(5, perfect)
+    monkeypatch.setattr(ensemble, "simplex_points", lambda *a: pytest.fail("grid built"))
+    r = ensemble.tune_members(preds, answers, hows=("rank",), k=3)["rank"]
+    assert r["valid"] == 1.0 and r["weights"][5] == max(r["weights"])
+    assert sum(r["weights"]) == pytest.approx(1.0) and min(r["weights"]) >= 0
+    assert 0.9 <= r["kfold"] <= 1.0 and len(r["fold_weights"]) == 3
+    assert r["points"].shape == (1, 8) and r["curve"].shape == (1,)
+    equal = ensemble.score(ensemble.blend_members(preds, [1 / 8] * 8, "rank"), answers)
+    assert r["equal"] == pytest.approx(equal) and r["valid"] > equal
+
+
+def test_a_large_grid_shows_its_progress(monkeypatch, capsys):
+    import ensemble
+    from test_ensemble import random_world
+    p1, p2, answers = random_world(n_queries=6)
+    monkeypatch.setattr(ensemble, "PROGRESS_AT", 6 * 11)
+    ensemble.tune_members([p1, p2], answers, hows=("raw",), grid=11, k=2)
+    assert "blend grid (11 points)" in capsys.readouterr().err
+    monkeypatch.setattr(ensemble, "PROGRESS_AT", 6 * 11 + 1)
+    ensemble.tune_members([p1, p2], answers, hows=("raw",), grid=11, k=2)
+    assert "blend grid" not in capsys.readouterr().err

@@ -248,3 +248,21 @@ def test_a_typed_train_query_finds_its_products(pretrained, tiny_world, tmp_path
     for i, e in zip(typed, entries):
         top = {r["product_id"] for r in e["results"]}
         assert top & set(queries["products"][i].tolist()), (queries["text"][i], e)
+
+
+def test_hnsw_index_fills_every_list_to_k(stand_in_index, tmp_path, capsys):
+    """K near the catalogue's size: an HNSW graph leaves lists short, the exact search
+    fills them; every list holds K distinct products, best first."""
+    out, ckpt, _, _ = stand_in_index
+    hnsw = str(tmp_path / "hnsw")
+    index_cmd.main(["--ckpt", ckpt, "--out", hnsw, "--index", "hnsw", "--batch-size", "64",
+                    "--no-progress"])
+    capsys.readouterr()
+    n = saved_index.SavedIndex(hnsw).index.ntotal
+    _, entries = _search_json(["--index", hnsw, "red dress", "black jeans", "--k", str(n - 3)],
+                              capsys)
+    for e in entries:
+        pids = [r["product_id"] for r in e["results"]]
+        scores = [r["score"] for r in e["results"]]
+        assert len(pids) == len(set(pids)) == n - 3
+        assert scores == sorted(scores, reverse=True)

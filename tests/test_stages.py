@@ -59,7 +59,7 @@ def test_export_loads_strictly_and_matches(pretrained, tiny_world):
                        model.encoder(b["boxes"], b["feats"], b["mask"]))
     # the export stores no frozen vocabulary-sized table beyond the learned embeddings
     ex = torch.load(os.path.join(pretrained, "encoder.pt"), weights_only=True)
-    assert set(ex) == {"config", "encoder", "word_emb", "vocab", "source"}
+    assert set(ex) == {"config", "encoder", "word_emb", "vocab", "source", "stage", "format"}
 
 
 def test_multilabel_validation_prints_captions(pretrained, tiny_world, capsys):
