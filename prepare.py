@@ -28,7 +28,8 @@ import numpy as np
 import runtime
 import utils
 from text import Vocab, tokenize
-from tsv import FEAT_DIM, DataError, iter_lines, line_number, line_numbers, parse_row
+from tsv import FEAT_DIM, DataError, check_finished, iter_lines, line_number, line_numbers, \
+    parse_row
 
 META_COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "query", "query_id"]
 META_INTS = ["offset", "product_id", "image_h", "image_w", "num_boxes", "query_id"]
@@ -246,6 +247,7 @@ def preprocess(data, *, features=None, info="info", workers=1, skip_bad=False, c
     from the parts exactly as a single run would.
     """
     import pandas as pd
+    check_finished(data)
     path = os.path.join(data, "train", "train.tsv")
     if not os.path.exists(path):
         raise DataError("%s: not found (is --data a competition data root?)" % path)

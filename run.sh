@@ -32,6 +32,10 @@ case "$STORE" in
   npz) WORKERS=${WORKERS:-1} ;;
   *) echo "run.sh: STORE must be packed or npz, got '$STORE'" >&2; exit 2 ;;
 esac
+if [ -e "$DATA_DIR/.generating" ]; then  # written first and removed last by synthetic.py
+  echo "run.sh: $DATA_DIR: a generated world that synthetic.py did not finish (.generating is there): regenerate it with synthetic.py, or delete it and run.sh generates the small world there" >&2
+  exit 2
+fi
 if [ "$PRESET" = paper ]; then
   ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-model1,model2}
 else

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -460,6 +461,33 @@ def test_preprocess_killed_half_way_then_rerun_is_byte_identical(tiny_world, tmp
     assert sorted(rerun) == sorted(clean)
     assert all(rerun[n] == clean[n] for n in clean)
     assert _tree(info) == _tree(tiny_world.info)
+
+
+@pytest.mark.slow
+def test_a_generated_world_stopped_part_way_is_refused(tmp_path, monkeypatch):
+    """synthetic.py killed after train.tsv (no valid split yet): preprocessing and run.sh
+    refuse the world in one line that says to regenerate it, before any stage runs; once
+    generated to the end, it is accepted."""
+    data, out = str(tmp_path / "world"), str(tmp_path / "runs")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # where a kill after the train split would stop it
+    monkeypatch.setattr(synthetic, "write_candidates", killed)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate(data, "tiny", log=lambda *a: None)
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(data, "train", "train.tsv"))
+    with pytest.raises(DataError, match="%s: a generated world that synthetic.py did not "
+                                        "finish.*regenerate" % re.escape(data)):
+        prepare.preprocess(data, info=str(tmp_path / "info"), progress=False)
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh")], capture_output=True, text=True,
+                       env=dict(os.environ, DATA_DIR=data, OUT_DIR=out, PRESET="tiny"),
+                       timeout=120)
+    assert r.returncode != 0 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "regenerate" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(out, ".stages"))
+    synthetic.generate(data, "tiny", log=lambda *a: None)
+    prepare.preprocess(data, info=str(tmp_path / "info"), progress=False)
 
 
 def _torchrun(args, tmp_path, fault, restarts=0, timeout=300):
