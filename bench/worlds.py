@@ -11,8 +11,8 @@ figures of testB (model3's retrieval, then re-ranked by the blend) and wall time
         "MULTILABEL_ARGS=--transform none --input-norm 0" "MODEL1_ARGS=--p-near 0" \
         "MODEL2_ARGS=--p-near 0"
 Every run's artefacts stay under OUT/<world>/<variant>/, and run.sh runs with RESUME=1: the
-stages that finished before with the same command, up to the first that must run, are not
-redone, so an interrupted benchmark resumes where it stopped.
+stages that finished before with the same command, inputs and outputs, up to the first that
+must run, are not redone, so an interrupted benchmark resumes where it stopped.
 """
 import argparse
 import json
