@@ -7,8 +7,8 @@ vocabulary); optionally every train product packed into one memory-mapped store.
 
 Across machines: ``preprocess ... --shard I/N`` for every I (any order, in parallel), then
 ``preprocess ... --merge``. Every file is written atomically and a rerun skips the products
-already written (once their CRC-32 shows them whole), so a killed run is resumed by running it
-again (docs/data.md).
+already written (once their CRC-32 shows them whole, and converted from the same train.tsv:
+``claim_features``), so a killed run is resumed by running it again (docs/data.md).
 """
 import argparse
 import io
