@@ -21,11 +21,13 @@ default) equal weights, judged by their valid score, compete too (``choose_blend
 writes ``submission.csv``, ``ensemble.json`` (members, chosen normalisation and weights, every
 score) and a plot in the folder of ``--out``: ``ensemble_t.png`` (valid NDCG@5 against t) for
 two members, ``ensemble_simplex.png`` (valid NDCG@5 over the weight triangle) for three, none
-for more. The submission is written only when the test predictions cover every query of the
+for more. The three are one set, written under temporary names and renamed together; the
+plot of another member count left by an earlier run is removed. The submission is written only when the test predictions cover every query of the
 test split (``--test-tsv``, by default testB/testB.tsv of the data root that holds
 ``--valid-answers``), each with 5 of its candidates.
 """
 import argparse
+import functools
 import itertools
 import math
 import os
@@ -36,7 +38,7 @@ import numpy as np
 from metric import check_submission, load_answers, load_predictions, ndcg_at_k, rank
 from runtime import bounded, check_writable, input_file
 from tsv import DataError, read_candidates
-from utils import atomic_json, atomic_open
+from utils import atomic_json, atomic_open, write_together
 
 HOWS = ("raw", "zscore", "rank")
 WEIGHTINGS = ("tuned", "equal")
@@ -436,13 +438,18 @@ def submission_rows(preds, candidates=None, queries=None):
     return rows
 
 
+def write_rows(rows, path):
+    """Checked submission rows -> ``path``, a CSV under ``HEADER``, atomically."""
+    with atomic_open(path, newline="") as f:
+        f.write(",".join(HEADER) + "\n")
+        f.writelines("%d,%s\n" % (q, ",".join(map(str, pids))) for q, pids in rows)
+
+
 def write_submission(preds, path, candidates=None, queries=None):
     """Check the rows, then write ``submission.csv`` atomically; returns the rows."""
     rows = submission_rows(preds, candidates, queries)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_open(path, newline="") as f:
-        f.write(",".join(HEADER) + "\n")
-        f.writelines("%d,%s\n" % (q, ",".join(map(str, pids))) for q, pids in rows)
+    write_rows(rows, path)
     return rows
 
 
@@ -496,7 +503,7 @@ def plot_curves(tuning, how, weights, *, path=None, names=MODELS):
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format="png")
     return fig
 
 
@@ -523,23 +530,20 @@ def plot_simplex(tuning, how, weights, *, names, path=None):
         fig.colorbar(im, ax=ax, shrink=0.6, label="valid NDCG@5")
     fig.suptitle("blend weights; chosen: %s" % describe(how, weights, names))
     if path:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        fig.savefig(path, dpi=110, bbox_inches="tight", format="png")
     return fig
 
 
-def plot_blend(tuning, how, weights, *, names, folder):
-    """The t curve (``ensemble_t.png``, two members) or the weight triangle
-    (``ensemble_simplex.png``, three) in ``folder``, the submitted ``weights`` marked -> its
-    path; None for more members."""
-    if len(names) > 3:
-        return None
+PLOTS = {2: "ensemble_t.png", 3: "ensemble_simplex.png"}  # members -> plot (more: none)
+
+
+def plot_blend(tuning, how, weights, *, names, path):
+    """The t curve (two members) or the weight triangle (three) to ``path``, the submitted
+    ``weights`` marked."""
     if len(names) == 2:
-        path = os.path.join(folder, "ensemble_t.png")
         plot_curves(tuning, how, weights, path=path, names=names)
     else:
-        path = os.path.join(folder, "ensemble_simplex.png")
         plot_simplex(tuning, how, weights, names=names, path=path)
-    return path
 
 
 # --------------------------------------------------------------------------------------
@@ -584,21 +588,28 @@ def run_ensemble(pred_dir, valid_answers, out, *, models=MODELS, test_tsv=None,
     if test_answers:  # reported only; never used to choose weights or the normalisation
         splits["test"] = (test, load_answers(test_answers))
     table = summary_table(splits, weights, how, models)  # first: a missing test query fails
-    write_submission(blend_members(test, weights, how, models), out, candidates=cands)
+    rows = submission_rows(blend_members(test, weights, how, models), candidates=cands)
     folder = os.path.dirname(os.path.abspath(out))
-    png, js = plot_blend(tuning, how, weights, names=models, folder=folder), \
-        os.path.join(folder, "ensemble.json")
     estimate = honest_score(tuning[how], weighting)
-    atomic_json({"how": how, "weighting": weighting, "models": models,
-                 "weights": dict(zip(models, weights)),
-                 **({"t": weights[0]} if len(models) == 2 else {}),
-                 "grid": grid, "simplex_step": simplex_step, "k": k, "seed": seed,
-                 "valid_ndcg": tuning[how]["valid" if weighting == "tuned" else "equal"],
-                 "estimate": estimate,
-                 "normalisations": {h: {x: v for x, v in r.items() if x not in ("curve", "points")}
-                                    for h, r in tuning.items()},
-                 "table": {c: table[c].tolist() for c in table.columns},
-                 "table_rows": list(table.index), "submission": os.path.abspath(out)}, js)
+    report = {"how": how, "weighting": weighting, "models": models,
+              "weights": dict(zip(models, weights)),
+              **({"t": weights[0]} if len(models) == 2 else {}),
+              "grid": grid, "simplex_step": simplex_step, "k": k, "seed": seed,
+              "valid_ndcg": tuning[how]["valid" if weighting == "tuned" else "equal"],
+              "estimate": estimate,
+              "normalisations": {h: {x: v for x, v in r.items() if x not in ("curve", "points")}
+                                 for h, r in tuning.items()},
+              "table": {c: table[c].tolist() for c in table.columns},
+              "table_rows": list(table.index), "submission": os.path.abspath(out)}
+    # one set, written together: never a new submission beside an earlier blend's record,
+    # nor the plot of an earlier member count beside this blend
+    writers = {os.path.basename(out): functools.partial(write_rows, rows),
+               "ensemble.json": functools.partial(atomic_json, report)}
+    plot = PLOTS.get(len(models))
+    if plot:
+        writers[plot] = lambda path: plot_blend(tuning, how, weights, names=models, path=path)
+    write_together(folder, writers, remove=list(PLOTS.values()))
+    png, js = os.path.join(folder, plot) if plot else None, os.path.join(folder, "ensemble.json")
     return {"how": how, "weighting": weighting, "models": models, "weights": weights,
             "estimate": estimate, "tuning": tuning,
             "tuning_table": tuning_table(tuning, models), "table": table, "submission": out,

@@ -7,11 +7,12 @@ vocabulary); optionally every train product packed into one memory-mapped store.
 
 Across machines: ``preprocess ... --shard I/N`` for every I (any order, in parallel), then
 ``preprocess ... --merge``. Every file is written atomically and a rerun skips the products
-already written (once their CRC-32 shows them whole), so a killed run is resumed by running it
-again (docs/data.md).
+already written (once their CRC-32 shows them whole, and converted from the same train.tsv:
+``claim_features``), so a killed run is resumed by running it again (docs/data.md).
 """
 import argparse
 import io
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -25,13 +26,16 @@ import zlib
 
 import numpy as np
 
+import provenance
 import runtime
 import utils
 from text import Vocab, tokenize
-from tsv import FEAT_DIM, DataError, iter_lines, line_number, line_numbers, parse_row
+from tsv import FEAT_DIM, DataError, check_finished, iter_lines, line_number, line_numbers, \
+    parse_row
 
 META_COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "query", "query_id"]
 META_INTS = ["offset", "product_id", "image_h", "image_w", "num_boxes", "query_id"]
+SOURCE = ".source.json"  # in features/: the content fingerprint of the train.tsv converted
 NPZ_MEMBERS = {"features.npy", "boxes.npy", "class_labels.npy", "image_hw.npy"}
 log = logging.getLogger("kddmm")
 
@@ -246,12 +250,15 @@ def preprocess(data, *, features=None, info="info", workers=1, skip_bad=False, c
     from the parts exactly as a single run would.
     """
     import pandas as pd
+    check_finished(data)
     path = os.path.join(data, "train", "train.tsv")
     if not os.path.exists(path):
         raise DataError("%s: not found (is --data a competition data root?)" % path)
     features = features or os.path.join(data, "features")
     os.makedirs(features, exist_ok=True)
     os.makedirs(info, exist_ok=True)
+    if not merge:  # the merge writes no .npz; it checks the parts against train.tsv
+        claim_features(features, path, sharded=shard is not None)
     if shard is None:  # shards run side by side: the merge clears what killed ones left
         for name in os.listdir(features):  # temporaries of a killed run were never renamed
             if ".npz.tmp" in name:
@@ -306,6 +313,33 @@ def preprocess(data, *, features=None, info="info", workers=1, skip_bad=False, c
     build_info(df, info, kmeans_k=kmeans_k, seed=seed, min_count=min_count,
                where=lambda i: (path, line_number(path, int(offsets[i]))))
     return df
+
+
+def claim_features(features, path, sharded=False):
+    """Make ``features`` the .npz folder of the train.tsv at ``path``: a rerun keeps the
+    whole .npz it finds, which is right only for the same rows, and a world regenerated in
+    place keeps its product ids. ``features/.source.json`` holds the content fingerprint of
+    the train.tsv converted (``provenance.content``: size and the sha256 of its ends); the
+    .npz of another train.tsv, or of an unknown one, are removed (by a sharded run, an
+    error: the other shards are writing there)."""
+    marker, want = os.path.join(features, SOURCE), provenance.content(path)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            have = json.load(f)
+    except (FileNotFoundError, ValueError):
+        have = None
+    if have == want:
+        return
+    old = [name for name in os.listdir(features) if name.endswith(".npz")]
+    if old and sharded:
+        raise DataError("%s: holds the .npz files of another train.tsv than %s; delete it, "
+                        "then run every shard again" % (features, path))
+    if old:
+        log.warning("%s: %d .npz files of another train.tsv removed; every row is converted"
+                    % (features, len(old)))
+    for name in old:
+        os.remove(os.path.join(features, name))
+    utils.atomic_json(want, marker)
 
 
 def _rewrite_rows(path, offsets, features, compress):

@@ -30,7 +30,7 @@ import sys
 import numpy as np
 
 from metric import ndcg_at_k
-from tsv import COLUMNS, FEAT_DIM
+from tsv import COLUMNS, FEAT_DIM, GENERATING
 
 LABELS = [
     "top clothes (coat, jacket, shirt, etc.)", "skirt & dress",
@@ -464,6 +464,8 @@ def generate(out, preset="small", *, seed=0, lang="en", difficulty=1.0, train_qu
     world = World(seed, difficulty, lang, **world_knobs)
     for split in ("train", "valid", "testA", "testB"):
         os.makedirs(os.path.join(out, split), exist_ok=True)
+    marker = os.path.join(out, GENERATING)  # removed last: a killed run leaves it behind
+    atomic_write_text(marker, "synthetic.py has not finished writing this data root\n")
     atomic_write_text(os.path.join(out, "multimodal_labels.txt"), "category_id\tcategory_name\n"
                       + "".join("%d\t%s\n" % (i, n) for i, n in enumerate(LABELS)))
     stats, catalogue, evals = {}, Catalogue(), {}
@@ -492,6 +494,7 @@ def generate(out, preset="small", *, seed=0, lang="en", difficulty=1.0, train_qu
         log("%-5s gallery answers per query: median %d, max %d" % (
             split, np.median(sizes), max(sizes)))
     atomic_write_text(os.path.join(out, "synthetic_report.json"), json.dumps(report, indent=1))
+    os.remove(marker)
     return report
 
 

@@ -8,6 +8,7 @@ import base64
 import binascii
 import logging
 import math
+import os
 import sys
 
 import numpy as np
@@ -25,6 +26,19 @@ log = logging.getLogger("kddmm")
 
 class DataError(ValueError):
     """Bad input; the message names the file, the line and the reason."""
+
+
+# synthetic.py writes this file into a data root first and removes it last: a generator
+# stopped part-way (train.tsv written, no valid split yet) leaves it behind. A real release
+# never has it.
+GENERATING = ".generating"
+
+
+def check_finished(root):
+    """A DataError when ``root`` is a generated world that synthetic.py did not finish."""
+    if os.path.exists(os.path.join(root, GENERATING)):
+        raise DataError("%s: a generated world that synthetic.py did not finish (%s is there): "
+                        "regenerate it with synthetic.py, or delete it" % (root, GENERATING))
 
 
 if sys.version_info >= (3, 11):  # what b64decode(validate=True) runs, minus its copy of views

@@ -71,10 +71,13 @@ def atomic_json(obj, path):
         json.dump(obj, f, ensure_ascii=False, indent=1)
 
 
-def write_together(folder, writers):
+def write_together(folder, writers, remove=()):
     """{name: write(path)} -> every file written under a temporary name, then all renamed:
     a failure on the way leaves ``folder`` as it was (never a new queries.pkl beside an old
-    vocab.json, nor a new valid prediction file beside an old test one)."""
+    vocab.json, nor a new valid prediction file beside an old test one). ``remove``: names of
+    the same set that this run does not write (a plot of another member count, the figures
+    of answers this data root lacks), removed just before the renames, so an earlier run's
+    file never passes for this run's."""
     os.makedirs(folder, exist_ok=True)
     tmp = {name: os.path.join(folder, name + ".new") for name in writers}
     try:
@@ -85,6 +88,9 @@ def write_together(folder, writers):
             if os.path.exists(p):
                 os.remove(p)
         raise
+    for name in remove:
+        if name not in writers and os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
     for name, p in tmp.items():
         os.replace(p, os.path.join(folder, name))
 

@@ -11,9 +11,9 @@ the blend against the two-tower and against each member, per world and pooled ov
 
     python bench/worlds.py --worlds family:301:en family:302:zh --out runs/worlds
     python bench/worlds.py --worlds family:301:en --variant nomodel3 ENSEMBLE_MODELS=multilabel,model1,model2
-Every run's artefacts stay under OUT/<world>/<variant>/, and run.sh runs with RESUME=1, so
-an interrupted benchmark resumes where it stopped. OUT/table.md and OUT/table.json hold
-the tables; ``--threads`` sets OMP_NUM_THREADS of every job (1 when worlds run side by side).
+Every run's artefacts stay under OUT/<world>/<variant>/, and run.sh runs with RESUME=1 (a
+stage whose command, inputs and outputs are unchanged is not redone), so an interrupted
+benchmark resumes where it stopped. OUT/table.md and OUT/table.json hold the tables; ``--threads`` sets OMP_NUM_THREADS of every job (1 when worlds run side by side).
 """
 import argparse
 import json

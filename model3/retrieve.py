@@ -14,7 +14,9 @@ IndexHNSWFlat, approximate; a query whose K it cannot fill gets the exact K). Wr
 OUT/valid_gallery_model3.json and OUT/test_gallery_model3.json (testB),
 {"<query_id>": [["<product_id>", score], ...]}, K entries best first; prints Recall@10, Recall@100 and NDCG@5 where the split has
 ``<split>_gallery_answer.json`` (generated worlds), and writes them to
-OUT/gallery_metrics.json ({split: {metric: value}}). With ``--rerank ENSEMBLE_JSON``, each
+OUT/gallery_metrics.json ({split: {metric: value}}). The files of one run are one set: those
+of an earlier run that this one does not write (another split, no --rerank, no gallery
+answers) are removed. With ``--rerank ENSEMBLE_JSON``, each
 query's K are then re-ranked by the blend ensemble.py recorded (``model3/rerank.py``) and
 written to OUT/{valid,test}_gallery_rerank.json, the metrics printed beside retrieval's.
 docs/retrieval.md.
@@ -317,6 +319,16 @@ def retrieve(model, vocab, *, data, splits, sources, k, index="exact", batch_siz
     return results, texts, len(pids)
 
 
+def gallery_file(split, name):
+    """The file of a split's lists: ``name`` is model3 (retrieved) or rerank."""
+    return "%s_gallery_%s.json" % ({"testB": "test"}.get(split, split), name)
+
+
+# every file a run may write in --out: one set, each run's replacing the last one's
+OUTPUTS = [gallery_file(s, n) for s in CANDIDATE_SPLITS for n in ("model3", "rerank")] \
+    + ["gallery_metrics.json"]
+
+
 def split_metrics(data, split, preds, k):
     """``gallery_metrics`` where the split has ``<split>_gallery_answer.json``, else {}."""
     answers = os.path.join(data, split, split + "_gallery_answer.json")
@@ -368,7 +380,7 @@ def main(argv=None):
     writers, printed, metrics = {}, [], {}
     for split in splits:
         for name, (preds, what, prefix) in outputs.items():
-            fname = "%s_gallery_%s.json" % ({"testB": "test"}.get(split, split), name)
+            fname = gallery_file(split, name)
             writers[fname] = functools.partial(metric.write_predictions, preds[split])
             m = split_metrics(data, split, preds[split], a.k)
             if m:
@@ -378,7 +390,9 @@ def main(argv=None):
                 "".join("  %s %.4f" % kv for kv in m.items())))
     if metrics:  # for run.sh's summary
         writers["gallery_metrics.json"] = functools.partial(utils.atomic_json, metrics)
-    utils.write_together(a.out, writers)
+    # the files of an earlier run that this one does not write go: another run's lists or
+    # figures beside this run's would pass for its own
+    utils.write_together(a.out, writers, remove=OUTPUTS)
     print("\n".join(printed))
     return metrics
 

@@ -324,16 +324,15 @@ def test_plots_write_a_png(tmp_path):
     p1, p2, answers = random_world(n_queries=10, seed=10)
     names = ["a", "b", "c"]
     tuning = ensemble.tune_members([p1, p2, noisy_member(p1, 4)], answers, simplex_step=0.1)
-    path = ensemble.plot_blend(tuning, "rank", [0.2, 0.3, 0.5], names=names,
-                               folder=str(tmp_path))
-    assert path == str(tmp_path / "ensemble_simplex.png")
+    path = str(tmp_path / "plot.new")  # a temporary name: PNG whatever the name says
+    ensemble.plot_blend(tuning, "rank", [0.2, 0.3, 0.5], names=names, path=path)
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
     tuning = tune(p1, p2, answers, grid=11)
-    assert ensemble.plot_blend(tuning, "raw", [0.5, 0.5], names=["a", "b"],
-                               folder=str(tmp_path)).endswith("ensemble_t.png")
-    assert ensemble.plot_blend(tuning, "raw", [0.5, 0.5], names=["a", "b", "c", "d"],
-                               folder=str(tmp_path)) is None
+    ensemble.plot_blend(tuning, "raw", [0.5, 0.5], names=["a", "b"], path=path)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 1000
+    assert ensemble.PLOTS == {2: "ensemble_t.png", 3: "ensemble_simplex.png"}  # 4+: none
 
 
 # ---------------------------------------------------------------------------------------
@@ -489,6 +488,47 @@ def _executed_outputs(path):
     import nbformat
     executed = nbformat.read(path, as_version=4)
     return executed, json.dumps([c.get("outputs", []) for c in executed.cells])
+
+
+def test_the_files_of_one_blend_are_replaced_together(pred_world, monkeypatch):
+    """submission.csv, ensemble.json and the plot are one set: a plot that fails to write
+    leaves the previous set as it was (no new submission beside the old blend's record),
+    and a blend of another member count removes the plot it does not draw."""
+    tmp, valid, test = pred_world
+    pred = tmp / "prediction_result"
+    for split, (p1, _, _) in (("valid", valid), ("test", test)):
+        dump(noisy_member(p1, 11), pred / ("%s_pred_model3.json" % split))
+        dump(noisy_member(p1, 12), pred / ("%s_pred_model4.json" % split))
+    out = str(tmp / "out" / "submission.csv")
+    folder = os.path.dirname(out)
+
+    def run(models):
+        return ensemble.run_ensemble(str(pred), str(tmp / "valid_answer.json"), out,
+                                     models=models, test_tsv=str(tmp / "test.tsv"), grid=11,
+                                     simplex_step=0.25)
+
+    run(["model1", "model2"])
+    files = ["ensemble.json", "ensemble_t.png", "submission.csv"]
+    assert sorted(os.listdir(folder)) == files
+    before = {n: os.stat(os.path.join(folder, n)).st_ino for n in files}
+
+    def broken(*a, **k):
+        raise OSError("no space left for the plot")
+    monkeypatch.setattr(ensemble, "plot_simplex", broken)
+    with pytest.raises(OSError, match="no space left for the plot"):
+        run(["model1", "model2", "model3"])
+    assert sorted(os.listdir(folder)) == files  # no temporaries left
+    assert {n: os.stat(os.path.join(folder, n)).st_ino for n in files} == before
+    monkeypatch.undo()
+    r = run(["model1", "model2", "model3"])
+    assert sorted(os.listdir(folder)) == ["ensemble.json", "ensemble_simplex.png",
+                                          "submission.csv"]
+    assert r["png"] == os.path.join(folder, "ensemble_simplex.png")
+    r = run(["model1", "model2", "model3", "model4"])
+    assert sorted(os.listdir(folder)) == ["ensemble.json", "submission.csv"]
+    assert r["png"] is None
+    with open(os.path.join(folder, "ensemble.json")) as f:
+        assert json.load(f)["models"] == ["model1", "model2", "model3", "model4"]
 
 
 @pytest.mark.slow

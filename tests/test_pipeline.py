@@ -2,13 +2,16 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
 import metric
+import synthetic
 import tsv
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,6 +91,70 @@ def _resume_skips_finished_stages(env, out, stages):
     assert open(sub).read() == before
     with open(os.path.join(out, "stage_times.tsv")) as f:
         assert [line.split("\t")[0] for line in f] == stages
+
+
+def _run_sh(env, **extra):
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh")], env=dict(env, **extra),
+                       capture_output=True, text=True, timeout=900)
+    ran = [line for line in r.stdout.splitlines() if line.startswith("+ ")]
+    skipped = [line.split(":")[0][2:] for line in r.stdout.splitlines()
+               if line.startswith("= ")]
+    return r, ran, skipped
+
+
+def _gallery_files(out):
+    return sorted(n for n in os.listdir(os.path.join(out, "prediction_result"))
+                  if "gallery" in n)
+
+
+def test_resume_redoes_what_changed_and_shows_no_stale_figure(tiny_world, tmp_path):
+    """RESUME=1 compares what each stage read and wrote, not only its command: a deleted
+    output, a torn input and a world regenerated in place each run their stage again and
+    every stage after it; outputs a run does not write are gone, never shown as its own."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "runs")
+    shutil.copytree(tiny_world.data, data, ignore=shutil.ignore_patterns("features"))
+    env = dict(os.environ, DATA_DIR=data, OUT_DIR=out, PRESET="tiny", EPOCHS="1",
+               NPROC="1", CUDA_VISIBLE_DEVICES="")
+    r, _, _ = _run_sh(env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    with open(os.path.join(out, "stage_times.tsv")) as f:
+        stages = [line.split("\t")[0] for line in f]
+    assert _gallery_files(out) == ["gallery_metrics.json", "test_gallery_model3.json",
+                                   "test_gallery_rerank.json", "valid_gallery_model3.json",
+                                   "valid_gallery_rerank.json"]
+    # an output deleted: its stage runs again, and every stage after it
+    best = os.path.join(out, "model3", "best.pt")
+    os.remove(best)
+    r, ran, skipped = _run_sh(env, RESUME="1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert skipped == stages[:stages.index("model3_train")], r.stdout
+    assert "model3/train.py" in ran[0] and os.path.exists(best)
+    # retrieval fails on an input only it reads (testA, a gallery split, torn): the last
+    # model3's gallery files are not left beside this one
+    test_a = os.path.join(data, "testA", "testA.tsv")
+    with open(test_a, "rb+") as f:
+        f.truncate(os.path.getsize(test_a) - 7)
+    r, ran, skipped = _run_sh(env, RESUME="1")
+    assert r.returncode != 0 and "testA.tsv:" in r.stderr, r.stdout[-2000:] + r.stderr
+    assert skipped == stages[:stages.index("retrieval")], r.stdout
+    assert _gallery_files(out) == []
+    # the world regenerated in place (same path, same product ids, other features), and
+    # without gallery answers, as the real release: everything runs again, on the new rows
+    synthetic.generate(data, "tiny", seed=0, difficulty=2.0, log=lambda *a: None)
+    for split in ("valid", "testA", "testB"):
+        os.remove(os.path.join(data, split, split + "_gallery_answer.json"))
+    r, ran, skipped = _run_sh(env, RESUME="1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert skipped == [] and "prepare.py preprocess" in ran[0], r.stdout
+    row = next(tsv.iter_lines(os.path.join(data, "train", "train.tsv")))[1]
+    row = tsv.parse_row(row)
+    _, feats, _ = utils.ProductStore(os.path.join(data, "features")).get(row["product_id"])
+    assert np.array_equal(feats, row["features"])
+    assert _gallery_files(out) == ["test_gallery_model3.json", "test_gallery_rerank.json",
+                                   "valid_gallery_model3.json", "valid_gallery_rerank.json"]
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["gallery"] == {}
+    assert "whole gallery" not in r.stdout
 
 
 def test_run_sh_rejects_an_unknown_store(tmp_path):

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import faults
 import matching
 import metric
 import prepare
+import provenance
 import synthetic
 import tsv
 import runtime
@@ -460,6 +462,114 @@ def test_preprocess_killed_half_way_then_rerun_is_byte_identical(tiny_world, tmp
     assert sorted(rerun) == sorted(clean)
     assert all(rerun[n] == clean[n] for n in clean)
     assert _tree(info) == _tree(tiny_world.info)
+
+
+def test_preprocess_of_another_train_tsv_rewrites_the_npz_it_finds(tmp_path):
+    """A world regenerated in place keeps its product ids: the whole .npz of the old
+    train.tsv must not pass for the new one's rows."""
+    data, info = str(tmp_path / "d"), str(tmp_path / "i")
+    path = os.path.join(data, "train", "train.tsv")
+
+    def rows(value):
+        return [make_row(100000001 + i, qid=5 + i % 2, feats=np.full((2, 2048), value,
+                                                                      np.float32))
+                for i in range(4)]
+    write_tsv(path, rows(1.0))
+    prepare.preprocess(data, info=info, progress=False)
+    write_tsv(path, rows(2.0))
+    prepare.preprocess(data, info=info, progress=False)
+    store = utils.ProductStore(os.path.join(data, "features"))
+    assert all((store.get(100000001 + i)[1] == 2.0).all() for i in range(4))
+
+
+def test_a_record_sees_a_file_rewritten_in_place_a_link_re_pointed_and_a_lost_output(
+        tmp_path, capsys):
+    """What RESUME=1 compares (provenance.py): the same bytes count as unchanged; a file
+    rewritten at the same size and mtime, a large file changed at its end, a data root
+    re-pointed, a folder with a file more, an output deleted and another command do not."""
+    world, other = tmp_path / "w1", tmp_path / "w2"
+    for w, text in ((world, "rows of the first world\n"), (other, "rows of the other world\n")):
+        (w / "train").mkdir(parents=True)
+        (w / "train" / "train.tsv").write_text(text)
+    os.symlink(world, tmp_path / "root")
+    big, out, folder = tmp_path / "big.bin", tmp_path / "model.pt", tmp_path / "info"
+    big.write_bytes(b"x" * (9 << 20))
+    folder.mkdir()
+    (folder / "a.json").write_text("{}")
+    train = str(tmp_path / "root" / "train" / "train.tsv")
+    io = ["--dir", str(tmp_path / ".stages"), "--in", train, str(big), str(folder),
+          "--out", str(out), "--"]
+    command = ["python", "stage.py", "--x", "1"]
+
+    def check(cmd=command):
+        code = provenance.main(["check", "s"] + io + cmd)
+        return code, capsys.readouterr().out.strip()
+    assert check() == (1, "no record of a finished run")
+    provenance.main(["begin", "s"] + io + command)
+    out.write_bytes(b"weights")
+    provenance.main(["record", "s", "--dir", str(tmp_path / ".stages"), "--seconds", "7"])
+    assert check() == (0, "7")
+    assert check(command[:-1] + ["2"]) == (1, "another command (or a record of an older "
+                                              "run.sh)")
+
+    def rewrite(path, data):  # the same size and mtime, other bytes
+        st = os.stat(path)
+        with open(path, "r+b") as f:
+            f.seek(st.st_size - len(data))
+            f.write(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rewrite(train, b"X\n")
+    assert check() == (1, "input %s changed" % train)
+    rewrite(train, b"d\n")
+    assert check()[0] == 0  # the same bytes again
+    rewrite(str(big), b"y")
+    assert check() == (1, "input %s changed" % big)
+    rewrite(str(big), b"x")
+    os.remove(tmp_path / "root")
+    os.symlink(other, tmp_path / "root")
+    assert check() == (1, "input %s changed" % train)
+    os.remove(tmp_path / "root")
+    os.symlink(world, tmp_path / "root")
+    (folder / "b.json").write_text("{}")
+    assert check() == (1, "input %s changed" % folder)
+    os.remove(folder / "b.json")
+    assert check()[0] == 0
+    os.rename(out, str(out) + ".kept")
+    assert check() == (1, "output %s is missing" % out)
+    os.rename(str(out) + ".kept", out)
+    assert check()[0] == 0
+    # begin removes the record and the stage's earlier output files, never its folders
+    provenance.main(["begin", "s", "--dir", str(tmp_path / ".stages"), "--in",
+                     "--out", str(out), str(folder), "--"] + command)
+    assert not out.exists() and folder.is_dir()
+    assert check() == (1, "no record of a finished run")
+
+
+@pytest.mark.slow
+def test_a_generated_world_stopped_part_way_is_refused(tmp_path, monkeypatch):
+    """synthetic.py killed after train.tsv (no valid split yet): preprocessing and run.sh
+    refuse the world in one line that says to regenerate it, before any stage runs; once
+    generated to the end, it is accepted."""
+    data, out = str(tmp_path / "world"), str(tmp_path / "runs")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # where a kill after the train split would stop it
+    monkeypatch.setattr(synthetic, "write_candidates", killed)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate(data, "tiny", log=lambda *a: None)
+    monkeypatch.undo()
+    assert os.path.exists(os.path.join(data, "train", "train.tsv"))
+    with pytest.raises(DataError, match="%s: a generated world that synthetic.py did not "
+                                        "finish.*regenerate" % re.escape(data)):
+        prepare.preprocess(data, info=str(tmp_path / "info"), progress=False)
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh")], capture_output=True, text=True,
+                       env=dict(os.environ, DATA_DIR=data, OUT_DIR=out, PRESET="tiny"),
+                       timeout=120)
+    assert r.returncode != 0 and r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1 and "regenerate" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(out, ".stages"))
+    synthetic.generate(data, "tiny", log=lambda *a: None)
+    prepare.preprocess(data, info=str(tmp_path / "info"), progress=False)
 
 
 def _torchrun(args, tmp_path, fault, restarts=0, timeout=300):

@@ -8,6 +8,7 @@ re-ranked with model1 and the pretraining score."""
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -362,6 +363,32 @@ def test_command_reranks_the_k_with_the_blend(tiny_world, tmp_path, monkeypatch,
             pids = [int(p) for p, _ in retrieved[q]]
             want = sorted(pids, key=lambda p: (-first[p], p))
             assert len(items) == 30 and [int(p) for p, _ in items] == want
+
+
+def test_a_run_leaves_only_its_own_files(tiny_world, tmp_path, monkeypatch):
+    """A run without --rerank, on a data root without gallery answers (the real release has
+    none), into the folder of a run that had both: the earlier run's re-ranked lists and
+    figures are removed, never shown as this run's."""
+    _stand_in(tiny_world, monkeypatch)
+    run, out = str(tmp_path / "run"), str(tmp_path / "retrieval")
+    blend = _write_blend(os.path.join(run, "prediction_result"), ["model1", "model2"], [1, 0])
+    scorers = {"model1": _first_feature, "model2": _first_feature}
+    monkeypatch.setattr(rerank, "load_member", lambda name, path, device:
+                        (scorers[name], utils.load_info(tiny_world.info)[1], None))
+    retrieve.main(["--ckpt", "unused.pt", "--k", "20", "--out", out, "--rerank", blend])
+    assert sorted(os.listdir(out)) == ["gallery_metrics.json", "test_gallery_model3.json",
+                                       "test_gallery_rerank.json", "valid_gallery_model3.json",
+                                       "valid_gallery_rerank.json"]
+    data = str(tmp_path / "release")
+    os.makedirs(os.path.join(data, "train"))
+    shutil.copy(os.path.join(tiny_world.data, "train", "train.tsv"), os.path.join(data, "train"))
+    for split in ("valid", "testA", "testB"):
+        os.makedirs(os.path.join(data, split))
+        for name in (split + ".tsv", split + "_answer.json"):
+            shutil.copy(os.path.join(tiny_world.data, split, name), os.path.join(data, split))
+    assert retrieve.main(["--ckpt", "unused.pt", "--data", data, "--k", "20",
+                          "--out", out]) == {}
+    assert sorted(os.listdir(out)) == ["test_gallery_model3.json", "valid_gallery_model3.json"]
 
 
 # ---------------------------------------------------------------------------------------
