@@ -189,7 +189,8 @@ KNOBS = dict(
     boxes=None,          # (lo, hi): extra regions (crops, nuisances, background) per picture
                          # (None: 3.8 boxes on average, at most 40)
     categories=None,     # head nouns in use (None: every one of CATEGORIES)
-    attr_values=None,    # {slot: values in use, from VALUE_POOL} (None: ATTRIBUTES)
+    attr_values=None,    # {slot: values in use, from VALUE_POOL} (a slot left out, or None:
+                         # ATTRIBUTES)
     slot_p=None,         # {slot: probability a query names it} (None: SLOT_P)
     phrases=0.0,         # probability a head noun with a two-word name (PHRASES) takes it
     positives=None,      # (lo, hi): positives per candidate list (None: 6, sometimes 2-5)
@@ -347,11 +348,11 @@ class World:
         k = self.k
         self.categories = list(CATEGORIES) if k["categories"] is None else list(k["categories"])
         self.values = ATTRIBUTES if k["attr_values"] is None else \
-            {s: list(k["attr_values"].get(s, ())) for s in SLOTS}
+            {s: list(k["attr_values"].get(s, ATTRIBUTES[s])) for s in SLOTS}
         self.slot_p = {**SLOT_P, **(k["slot_p"] or {})}
         bad = [c for c in self.categories if c not in CATEGORIES]
         bad += [v for s, vs in self.values.items() for v in vs if v not in VALUE_POOL[s]]
-        bad += [s for s in self.slot_p if s not in SLOT_P]
+        bad += [s for s in {**self.slot_p, **(k["attr_values"] or {})} if s not in SLOT_P]
         if bad:
             raise WorldError("unknown categories, attribute values or slots: %s" % bad)
         if not self.categories or min(len(set(vs)) for vs in self.values.values()) < 2:

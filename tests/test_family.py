@@ -156,6 +156,7 @@ def test_oracle_predictions_reproduce_its_score(tmp_path):
     (["--preset", "tiny", "--categories", "dress,spaceship"], "spaceship"),
     (["--preset", "tiny", "--categories", "dress,sofa"], "need a top and a bottom"),
     (["--preset", "tiny", "--attr-values", '{"colour": ["red"]}'], "two values of every slot"),
+    (["--preset", "tiny", "--attr-values", '{"size": ["xl", "s"]}'], "size"),
 ])
 def test_bad_world_arguments_end_with_one_line(tmp_path, argv, reason):
     out = str(tmp_path / "w")
