@@ -94,6 +94,16 @@ def recall_at_k(predictions, answers, k):
     return _mean_over_answers(recall_one, predictions, answers, k)
 
 
+def share_of_achievable(x, random, oracle):
+    """(x - random) / (oracle - random): the share of the gap between a random ranking and a
+    synthetic world's oracle (its ``synthetic_report.json``) that a score ``x`` closes; 0 is
+    random, 1 the oracle (docs/worlds.md)."""
+    if oracle <= random:
+        raise ValueError("the oracle (%.4f) does not beat random (%.4f): nothing is achievable"
+                         % (oracle, random))
+    return (x - random) / (oracle - random)
+
+
 def check_submission(rows, candidates=None, answers=None):
     """Apply the official rules to [(query_id, [5 pids]), ...]; raise DataError on a breach."""
     seen = set()

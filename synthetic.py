@@ -18,8 +18,11 @@ same layout, columns, dtypes and shapes, and with structure worth learning:
 Usage:
     python synthetic.py --preset small --out data/small            # the demo default
     python synthetic.py --preset tiny --out /tmp/tiny --lang zh    # Chinese queries
+    python synthetic.py --preset family --seed 7 --out data/family-7  # a world drawn from the seed
 Difficulty (``--difficulty``, default 1.0) scales feature noise, magnitude spread,
 detector-label errors, invisible attributes and how alike the fine-grained values are.
+Every split's report holds NDCG@5 of a random ranking, a detector-class match and an oracle
+that knows the world's signatures and each query's intent (``World.oracle_score``).
 """
 import argparse
 import base64
@@ -29,7 +32,7 @@ import sys
 
 import numpy as np
 
-from metric import ndcg_at_k
+from metric import ndcg_at_k, write_predictions
 from tsv import COLUMNS, FEAT_DIM, GENERATING
 
 LABELS = [
@@ -74,12 +77,40 @@ ATTRIBUTES = {  # slot -> values; each slot is named with a probability
     "style": ["vintage", "casual", "elegant", "sporty"],
     "audience": ["women's", "men's", "kids"],
 }
+SLOTS = list(ATTRIBUTES)
 SLOT_P = {"colour": 0.9, "material": 0.45, "pattern": 0.35, "style": 0.3, "audience": 0.3}
 SIMILAR = [("navy", "blue"), ("beige", "khaki"), ("pink", "red"), ("grey", "white"),
            ("linen", "cotton"), ("plaid", "striped")]
 FILLERS = ["new", "2020", "fashion", "korean", "style", "free", "shipping", "hot", "sale",
            "summer", "autumn", "ins", "trendy", "genuine", "official", "store", "loose",
            "slim", "breathable", "high-quality", "popular", "the", "for", "with"]
+# values a family world may add to a slot (``attr_values``), and their look-alikes
+EXTRA_VALUES = {
+    "colour": ["orange", "brown", "gold", "silver", "cream", "burgundy", "teal", "olive"],
+    "material": ["velvet", "nylon", "suede", "cashmere", "canvas", "bamboo", "ceramic", "glass"],
+    "pattern": ["camouflage", "leopard", "geometric", "embroidered", "printed", "houndstooth"],
+    "style": ["minimalist", "bohemian", "preppy", "punk", "business", "cute"],
+    "audience": ["unisex", "teens", "elderly", "babies"],
+}
+VALUE_POOL = {s: ATTRIBUTES[s] + EXTRA_VALUES[s] for s in ATTRIBUTES}
+SIMILAR += [("orange", "yellow"), ("brown", "khaki"), ("cream", "white"), ("burgundy", "red"),
+            ("teal", "green"), ("olive", "green"), ("gold", "yellow"), ("silver", "grey"),
+            ("suede", "leather"), ("cashmere", "wool"), ("velvet", "silk"), ("nylon", "plastic"),
+            ("houndstooth", "plaid"), ("printed", "floral"), ("minimalist", "elegant"),
+            ("preppy", "casual"), ("teens", "kids"), ("babies", "kids")]
+# two-word names of a head noun (``phrases``): the pair names the category as one unit
+PHRASES = {
+    "t-shirt": "tee top", "shirt": "collared top", "hoodie": "hooded top", "sweater": "knit top",
+    "jacket": "bomber jacket", "coat": "trench coat", "dress": "one-piece dress",
+    "skirt": "midi skirt", "jeans": "five-pocket pants", "trousers": "long pants",
+    "shorts": "short pants", "sneakers": "running shoes", "boots": "ankle boots",
+    "sandals": "open-toe shoes", "heels": "stiletto shoes", "handbag": "hand bag",
+    "backpack": "school bag", "wallet": "card holder", "sofa": "lounge seat",
+    "chair": "desk seat", "table": "dining table", "lamp": "desk light",
+    "earphones": "ear buds", "mug": "coffee cup", "kettle": "electric kettle",
+    "socks": "ankle socks", "bicycle": "road bike", "stroller": "baby cart",
+    "pillow": "sleep pillow", "lipstick": "lip colour", "umbrella": "rain shade",
+}
 
 ZH = {
     "shirt": "衬衫", "t-shirt": "短袖", "tee": "体恤", "jacket": "夹克", "coat": "大衣",
@@ -108,8 +139,25 @@ ZH = {
     "genuine": "正品", "official": "官方", "store": "旗舰店", "loose": "宽松", "slim": "修身",
     "breathable": "透气", "high-quality": "高品质", "popular": "爆款", "the": "的", "for": "适合",
     "with": "搭配",
+    "orange": "橙色", "brown": "棕色", "gold": "金色", "silver": "银色", "cream": "奶白色",
+    "burgundy": "酒红色", "teal": "青色", "olive": "橄榄绿", "velvet": "丝绒", "nylon": "尼龙",
+    "suede": "麂皮", "cashmere": "羊绒", "canvas": "帆布", "bamboo": "竹制", "ceramic": "陶瓷",
+    "glass": "玻璃", "camouflage": "迷彩", "leopard": "豹纹", "geometric": "几何", "embroidered": "刺绣",
+    "printed": "印花", "houndstooth": "千鸟格", "minimalist": "简约", "bohemian": "波西米亚",
+    "preppy": "学院", "punk": "朋克", "business": "商务", "cute": "可爱", "unisex": "中性",
+    "teens": "青少年", "elderly": "老年", "babies": "婴幼儿",
+    "top": "上衣", "collared": "翻领", "hooded": "连帽", "knit": "针织", "bomber": "飞行员",
+    "trench": "风衣款", "one-piece": "一体式", "midi": "中长款", "five-pocket": "五袋",
+    "long": "长款", "short": "短款", "running": "跑步", "shoes": "鞋子", "ankle": "短筒",
+    "open-toe": "露趾", "stiletto": "细跟", "hand": "手拎", "bag": "包包", "school": "双肩",
+    "card": "卡片", "holder": "夹子", "lounge": "客厅", "seat": "座椅", "desk": "书桌",
+    "dining": "餐厅", "light": "灯具", "ear": "入耳式", "buds": "耳塞", "coffee": "咖啡",
+    "cup": "杯具", "electric": "电热", "road": "公路", "bike": "单车", "baby": "宝宝",
+    "cart": "推车", "sleep": "睡眠", "lip": "唇部", "colour": "彩妆", "rain": "雨天",
+    "shade": "遮阳伞",
 }
 
+SIGNALS = ("sparse", "dense", "lowrank")  # how a concept's signature carries it
 # The world's knobs. ``None`` means "the default world's behaviour, scaled by --difficulty".
 KNOBS = dict(
     noise=None,          # sigma of Gaussian noise on every dimension, then clipped at 0
@@ -129,6 +177,23 @@ KNOBS = dict(
                          # (else one colour each)
     negatives=(0.65, 0.22, 0.13),  # shares of hard / look-alike / random negatives
     swap=0.5,            # share of two-garment hard negatives that swap the attributes
+    signal="sparse",     # how a concept's signature carries it: "sparse" (``sig_dims``
+                         # dimensions), "dense" (every dimension, log-normal) or "lowrank" (a
+                         # mixture of ``mix`` of ``basis`` shared sparse vectors)
+    sig_dims=48,         # dimensions of a sparse signature or of a low-rank basis vector
+    sig_scale=1.0,       # scale of every signature
+    tail=1.0,            # dense: sigma of the log-normal of every dimension
+    basis=32,            # lowrank: shared basis vectors
+    mix=3,               # lowrank: basis vectors mixed into each concept
+    similar=None,        # how far a value moves towards its look-alike (None: 0.45 d, <= 0.9)
+    boxes=None,          # (lo, hi): extra regions (crops, nuisances, background) per picture
+                         # (None: 3.8 boxes on average, at most 40)
+    categories=None,     # head nouns in use (None: every one of CATEGORIES)
+    attr_values=None,    # {slot: values in use, from VALUE_POOL} (a slot left out, or None:
+                         # ATTRIBUTES)
+    slot_p=None,         # {slot: probability a query names it} (None: SLOT_P)
+    phrases=0.0,         # probability a head noun with a two-word name (PHRASES) takes it
+    positives=None,      # (lo, hi): positives per candidate list (None: 6, sometimes 2-5)
 )
 WORLDS = {
     "default": {},
@@ -138,12 +203,119 @@ WORLDS = {
                  label_noise=0.1, partial=(0, 20), fillers=(0, 3), fillers_first=True,
                  two_objects=1 / 3, two_attrs=True, negatives=(0.75, 0.15, 0.10)),
 }
+# The family: a world whose properties ``draw_family`` draws from its seed, each from this
+# range (inclusive; docs/worlds.md). A pair of pairs bounds (lo, hi) of a range knob.
+FAMILY = dict(
+    signal=SIGNALS,
+    sig_dims=(16, 192),            # log-uniform
+    sig_scale=(0.5, 2.0),
+    tail=(0.3, 1.2),
+    basis=(8, 64),
+    mix=(2, 4),
+    noise=(0.05, 0.6),             # times sig_scale
+    subspace=(32, 160),            # half the sparse worlds; 0 otherwise
+    attr_weight=(0.3, 1.0),
+    magnitude=((0.4, 1.0), (1.0, 1.8)),
+    visible=(0.6, 1.0),
+    label_noise=(0.0, 0.3),
+    boxes=((0, 3), (1, 19)),       # hi - lo is 1 to 16
+    categories=(12, len(CATEGORIES)),  # how many; at least two tops and two bottoms
+    attr_values=(2, None),         # how many per slot, up to all of VALUE_POOL
+    similar=(0.0, 0.8),
+    phrases=(0.0, 0.5),
+    two_objects=(0.0, 0.5),
+    two_attrs=(False, True),
+    swap=(0.0, 1.0),
+    positives=((1, 6), (1, 10)),   # hi >= lo
+    fillers=((0, 2), (1, 8)),      # hi - lo is 1 to 6
+    fillers_first=(False, True),
+    slot_p=((0.3, 1.0), (0.05, 0.6)),  # colour; every other slot
+    negatives=(0.3, 0.9),          # the hard share; look-alikes take 20-80 % of the rest
+)
 PRESETS = {  # train queries (rows ~ 4.5 per query), candidate queries per test split, world
     "tiny": dict(train_queries=150, eval_queries=16, world="default"),
     "small": dict(train_queries=3000, eval_queries=200, world="default"),
     "large": dict(train_queries=55000, eval_queries=1000, world="default"),
     "hard": dict(train_queries=4400, eval_queries=200, world="hard"),
+    "family": dict(train_queries=4400, eval_queries=1000, testA_queries=50, world="family"),
+    "family-large": dict(train_queries=23000, eval_queries=1000, testA_queries=50,
+                         world="family"),
 }
+
+
+def draw_family(seed):
+    """A family world's knobs, drawn from ``FAMILY`` by the seed's own stream."""
+    rng = np.random.default_rng([seed, 99])
+    F = FAMILY
+
+    def uniform(lo, hi):
+        return round(float(rng.uniform(lo, hi)), 4)
+
+    def integer(lo, hi):
+        return int(rng.integers(lo, hi + 1))
+
+    k = dict(signal=str(F["signal"][rng.integers(len(F["signal"]))]),
+             sig_dims=int(round(np.exp(rng.uniform(*np.log(F["sig_dims"]))))),
+             sig_scale=uniform(*F["sig_scale"]), tail=uniform(*F["tail"]),
+             basis=integer(*F["basis"]), mix=integer(*F["mix"]))
+    k["noise"] = round(uniform(*F["noise"]) * k["sig_scale"], 4)
+    shared, width = rng.random() < 0.5, integer(*F["subspace"])
+    k["subspace"] = width if shared and k["signal"] == "sparse" else 0
+    k["attr_weight"] = uniform(*F["attr_weight"])
+    k["magnitude"] = (uniform(*F["magnitude"][0]), uniform(*F["magnitude"][1]))
+    k["visible"], k["label_noise"] = uniform(*F["visible"]), uniform(*F["label_noise"])
+    lo = integer(*F["boxes"][0])
+    k["boxes"] = (lo, lo + integer(1, 16))
+    garments = {str(c) for c in rng.permutation(TOPS)[:2]} | \
+        {str(c) for c in rng.permutation(BOTTOMS)[:2]}
+    rest = [c for c in rng.permutation(list(CATEGORIES)) if c not in garments]
+    chosen = garments | set(rest[:integer(*F["categories"]) - len(garments)])
+    k["categories"] = [c for c in CATEGORIES if c in chosen]
+    k["attr_values"] = {}
+    for slot, pool in VALUE_POOL.items():
+        chosen = set(rng.permutation(pool)[:integer(F["attr_values"][0], len(pool))])
+        k["attr_values"][slot] = [v for v in pool if v in chosen]
+    k["similar"], k["phrases"] = uniform(*F["similar"]), uniform(*F["phrases"])
+    k["two_objects"], k["two_attrs"] = uniform(*F["two_objects"]), bool(rng.random() < 0.5)
+    k["swap"] = uniform(*F["swap"])
+    lo = integer(*F["positives"][0])
+    k["positives"] = (lo, integer(lo, F["positives"][1][1]))
+    lo = integer(*F["fillers"][0])
+    k["fillers"], k["fillers_first"] = (lo, lo + integer(1, 6)), bool(rng.random() < 0.5)
+    colour, other = F["slot_p"]
+    k["slot_p"] = {s: uniform(*(colour if s == "colour" else other)) for s in SLOTS}
+    hard = uniform(*F["negatives"])
+    look = round((1 - hard) * float(rng.uniform(0.2, 0.8)), 4)
+    k["negatives"] = (hard, look, round(1 - hard - look, 4))
+    return k
+
+
+def _sparse(rng, dims):
+    v = np.zeros(FEAT_DIM, np.float32)
+    idx = rng.choice(FEAT_DIM, dims, replace=False)
+    v[idx] = rng.uniform(0.5, 1.5, dims)
+    return v
+
+
+def signatures(rng, concepts, k):
+    """{concept: its hidden non-negative signature}, as the world's ``signal`` draws them."""
+    if k["signal"] == "sparse":
+        sig = {name: _sparse(rng, k["sig_dims"]) for name in concepts}
+    elif k["signal"] == "dense":  # heavy-tailed on every dimension, mean 0.2
+        t = k["tail"]
+        sig = {name: 0.2 * rng.lognormal(-t * t / 2, t, FEAT_DIM).astype(np.float32)
+               for name in concepts}
+    else:  # each concept mixes a few shared basis vectors, so concepts overlap
+        basis = np.stack([_sparse(rng, k["sig_dims"]) for _ in range(k["basis"])])
+        sig = {}
+        for name in concepts:
+            pick = rng.choice(k["basis"], k["mix"], replace=False)
+            sig[name] = (rng.uniform(0.3, 1.0, k["mix"]) @ basis[pick]).astype(np.float32)
+    return {name: v * np.float32(k["sig_scale"]) for name, v in sig.items()}
+
+
+class WorldError(ValueError):
+    """A world's knobs that cannot make a world (the command line prints the reason)."""
 
 
 class World:
@@ -152,33 +324,51 @@ class World:
     def __init__(self, seed, difficulty=1.0, lang="en", **knobs):
         unknown = set(knobs) - set(KNOBS)
         if unknown:
-            raise ValueError("unknown world knobs: %s" % sorted(unknown))
+            raise WorldError("unknown world knobs: %s" % sorted(unknown))
         self.k = {**KNOBS, **knobs}
         rng = np.random.default_rng([seed, 0])
         self.difficulty, self.lang = difficulty, lang
-        concepts = list(CATEGORIES) + [v for vs in ATTRIBUTES.values() for v in vs]
+        self._vocabulary()
+        concepts = list(CATEGORIES) + [v for vs in self.values.values() for v in vs]
         concepts += ["nuisance%d" % k for k in NUISANCE] + ["background"]
-        self.sig = {}
-        for name in concepts:
-            v = np.zeros(FEAT_DIM, np.float32)
-            idx = rng.choice(FEAT_DIM, 48, replace=False)
-            v[idx] = rng.uniform(0.5, 1.5, 48)
-            self.sig[name] = v
+        self.sig = signatures(rng, concepts, self.k)
         if self.k["subspace"]:
             self._shared_subspaces(rng, self.k["subspace"])
-        share = min(0.9, 0.45 * difficulty)  # fine-grained values look alike
-        for a, b in SIMILAR:
-            self.sig[a] = (1 - share) * self.sig[a] + share * self.sig[b]
-        self.categories = list(CATEGORIES)
+        share = min(0.9, 0.45 * difficulty) if self.k["similar"] is None else self.k["similar"]
+        for a, b in SIMILAR:  # fine-grained values look alike
+            if a in self.sig and b in self.sig:
+                self.sig[a] = (1 - share) * self.sig[a] + share * self.sig[b]
         d = difficulty
         self.p_hidden = 0.12 * d if self.k["visible"] is None else 1 - self.k["visible"]
         self.p_label_noise = 0.12 * d if self.k["label_noise"] is None else self.k["label_noise"]
+        self._decode = None  # the oracle's decoder, built when first used
+
+    def _vocabulary(self):
+        """The head nouns, attribute values and slot probabilities in use, checked."""
+        k = self.k
+        self.categories = list(CATEGORIES) if k["categories"] is None else list(k["categories"])
+        self.values = ATTRIBUTES if k["attr_values"] is None else \
+            {s: list(k["attr_values"].get(s, ATTRIBUTES[s])) for s in SLOTS}
+        self.slot_p = {**SLOT_P, **(k["slot_p"] or {})}
+        bad = [c for c in self.categories if c not in CATEGORIES]
+        bad += [v for s, vs in self.values.items() for v in vs if v not in VALUE_POOL[s]]
+        bad += [s for s in {**self.slot_p, **(k["attr_values"] or {})} if s not in SLOT_P]
+        if bad:
+            raise WorldError("unknown categories, attribute values or slots: %s" % bad)
+        if not self.categories or min(len(set(vs)) for vs in self.values.values()) < 2:
+            raise WorldError("a world needs a category and two values of every slot")
+        self.tops = [c for c in self.categories if c in TOPS]
+        self.bottoms = [c for c in self.categories if c in BOTTOMS]
+        if k["two_objects"] > 0 and not (self.tops and self.bottoms):
+            raise WorldError("two-garment queries need a top and a bottom among the categories")
+        if k["signal"] not in SIGNALS:
+            raise WorldError("signal must be one of %s, got %r" % (SIGNALS, k["signal"]))
 
     def _shared_subspaces(self, rng, width):
         """Each attribute kind owns ``width`` dimensions; its values light up half of them
         with their own magnitudes, so two values of a kind differ only there."""
         free = rng.permutation(FEAT_DIM)
-        for i, values in enumerate(ATTRIBUTES.values()):
+        for i, values in enumerate(self.values.values()):
             dims = free[i * width:(i + 1) * width]
             for v in values:
                 sig = np.zeros(FEAT_DIM, np.float32)
@@ -190,24 +380,28 @@ class World:
     def sample_object(self, rng, category=None, fixed=None):
         """An object: category plus one value per attribute slot (a full, hidden description)."""
         obj = {"category": category or self.categories[rng.integers(len(self.categories))]}
-        for slot, values in ATTRIBUTES.items():
+        for slot, values in self.values.items():
             obj[slot] = values[rng.integers(len(values))]
         obj.update(fixed or {})
         # an attribute the picture does not show (query may still name it)
-        obj["hidden"] = {s for s in ATTRIBUTES if rng.random() < self.p_hidden}
+        obj["hidden"] = {s for s in SLOTS if rng.random() < self.p_hidden}
         return obj
 
     def region(self, rng, obj, strength=1.0):
         v = self.sig[obj["category"]].copy()
-        for slot in ATTRIBUTES:
+        for slot in SLOTS:
             if slot not in obj["hidden"]:
-                w = self.k["attr_weight"] / 2 if slot == "audience" else self.k["attr_weight"]
-                v += w * self.sig[obj[slot]]
+                v += self.weight(slot) * self.sig[obj[slot]]
         return strength * v
 
+    def weight(self, slot):
+        """The weight of a slot's value signature in a region."""
+        return self.k["attr_weight"] / 2 if slot == "audience" else self.k["attr_weight"]
+
     def _n_regions(self, rng, objects):
-        if self.k["partial"] is not None:
-            lo, hi = self.k["partial"]
+        extra = self.k["partial"] if self.k["partial"] is not None else self.k["boxes"]
+        if extra is not None:
+            lo, hi = extra
             return len(objects) + int(rng.integers(lo, hi + 1))
         return int(min(40, max(len(objects), 1 + rng.negative_binomial(1.5, 1.5 / 4.3))))
 
@@ -251,17 +445,19 @@ class World:
 
     # --- queries --------------------------------------------------------------------------
     def _named(self, rng):
-        return {s: vs[rng.integers(len(vs))] for s, vs in ATTRIBUTES.items()
-                if rng.random() < SLOT_P[s]}
+        return {s: vs[rng.integers(len(vs))] for s, vs in self.values.items()
+                if rng.random() < self.slot_p[s]}
 
     def sample_intent(self, rng):
         """What a query asks for: a list of (category, {slot: value}) per object."""
         if rng.random() < self.k["two_objects"]:
-            parts = [TOPS[rng.integers(len(TOPS))], BOTTOMS[rng.integers(len(BOTTOMS))]]
+            parts = [self.tops[rng.integers(len(self.tops))],
+                     self.bottoms[rng.integers(len(self.bottoms))]]
+            colours = self.values["colour"]
             if self.k["two_attrs"]:
-                return [(c, self._named(rng) or {"colour": ATTRIBUTES["colour"][rng.integers(12)]})
+                return [(c, self._named(rng) or {"colour": colours[rng.integers(len(colours))]})
                         for c in parts]
-            return [(c, {"colour": ATTRIBUTES["colour"][rng.integers(12)]}) for c in parts]
+            return [(c, {"colour": colours[rng.integers(len(colours))]}) for c in parts]
         cat = self.categories[rng.integers(len(self.categories))]
         return [(cat, self._named(rng))]
 
@@ -269,11 +465,14 @@ class World:
         return [self.sample_object(rng, cat, named) for cat, named in intent]
 
     def query_text(self, rng, intent):
-        words = []
+        words = []  # a two-word head noun is one unit: fillers never split it
         for cat, named in intent:
             attrs = list(named.values())
             rng.shuffle(attrs)
-            head = cat if cat not in SYNONYMS or rng.random() < 0.6 else SYNONYMS[cat][0]
+            if self.k["phrases"] and cat in PHRASES and rng.random() < self.k["phrases"]:
+                head = PHRASES[cat]
+            else:
+                head = cat if cat not in SYNONYMS or rng.random() < 0.6 else SYNONYMS[cat][0]
             words += attrs + [head]
         fillers = [FILLERS[i] for i in rng.choice(len(FILLERS), rng.integers(*self.k["fillers"]),
                                                   replace=False)]
@@ -283,7 +482,7 @@ class World:
             for f in fillers:  # fillers go anywhere but after the head noun
                 words.insert(int(rng.integers(0, len(words))), f)
         if self.lang == "zh":
-            return "".join(ZH[w] for w in words)
+            return "".join(ZH[w] for unit in words for w in unit.split())
         return " ".join(words)
 
     def negative_intent(self, rng, intent):
@@ -295,9 +494,9 @@ class World:
         out = [(c, dict(a)) for c, a in intent]
         i = int(rng.integers(len(out)))
         cat, named = out[i]
-        slots = list(named) or list(ATTRIBUTES)
+        slots = list(named) or SLOTS
         slot = slots[rng.integers(len(slots))]
-        choices = [v for v in ATTRIBUTES[slot] if v != named.get(slot)]
+        choices = [v for v in self.values[slot] if v != named.get(slot)]
         named[slot] = choices[rng.integers(len(choices))]
         return out
 
@@ -309,15 +508,50 @@ class World:
             return self.matching_objects(rng, self.negative_intent(rng, intent))
         if r < hard + lookalike:  # same detector class, another category
             k = CATEGORIES[intent[-1][0]]
-            same = [c for c, kk in CATEGORIES.items() if kk == k and c != intent[-1][0]]
+            same = [c for c in self.categories if CATEGORIES[c] == k and c != intent[-1][0]]
             return [self.sample_object(rng, same[rng.integers(len(same))] if same else None)]
         return [self.sample_object(rng)]
 
+    # --- the oracle -----------------------------------------------------------------------
+    def _decoder(self):
+        """Ridge regression from a centred region to the coefficients of the world's
+        concepts (its categories, values, nuisances and background): (D x K matrix, names)."""
+        if self._decode is None:
+            names = self.categories + [v for vs in self.values.values() for v in vs]
+            names += ["nuisance%d" % k for k in NUISANCE] + ["background"]
+            m = np.stack([self.sig[n] for n in names]).astype(np.float64)
+            m -= m.mean(1, keepdims=True)
+            gram = m @ m.T
+            ridge = 0.1 * np.trace(gram) / len(gram)
+            self._decode = (m.T @ np.linalg.inv(gram + ridge * np.eye(len(gram))),
+                            {n: i for i, n in enumerate(names)})
+        return self._decode
+
+    def oracle_score(self, intent, feats):
+        """The oracle's score of a product from what the detector shows of it (its regions'
+        features): each region decoded into concept coefficients; per part of the query and
+        region, how far the part's category leads the other categories (at most 1) plus,
+        per named value, tanh of twice its lead over the slot's other values, relative to
+        the category's coefficient and the slot's weight; the best region per part, summed
+        over the parts (docs/worlds.md)."""
+        decode, index = self._decoder()
+        beta = (feats - feats.mean(1, keepdims=True)) @ decode
+        cats = beta[:, [index[c] for c in self.categories]].max(1)
+        total = 0.0
+        for cat, named in intent:
+            own = beta[:, index[cat]]
+            score = np.minimum(own / np.maximum(cats, 1e-6), 1.0)
+            for slot, value in named.items():
+                rivals = beta[:, [index[v] for v in self.values[slot] if v != value]].max(1)
+                lead = beta[:, index[value]] - rivals
+                score = score + np.tanh(2 * lead / (np.maximum(own, 1e-6) * self.weight(slot)))
+            total += float(score.max())
+        return total
+
 
 # --- gallery answers ----------------------------------------------------------------------
-SLOTS = list(ATTRIBUTES)
 CATEGORY_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
-VALUE_INDEX = {s: {v: i for i, v in enumerate(vs)} for s, vs in ATTRIBUTES.items()}
+VALUE_INDEX = {s: {v: i for i, v in enumerate(vs)} for s, vs in VALUE_POOL.items()}
 
 
 class Catalogue:
@@ -413,8 +647,12 @@ def write_candidates(world, rng, path, n_queries, first_pid, first_qid, catalogu
             qid = first_qid + qi
             intent = world.sample_intent(rng)
             query = world.query_text(rng, intent)
-            n_pos = 6 if rng.random() < 0.9 else int(rng.integers(2, 6))
+            if world.k["positives"] is None:
+                n_pos = 6 if rng.random() < 0.9 else int(rng.integers(2, 6))
+            else:
+                n_pos = int(rng.integers(world.k["positives"][0], world.k["positives"][1] + 1))
             n_cand = 30 if rng.random() < 0.92 else int(rng.integers(9, 30))
+            n_cand = max(n_cand, n_pos + 1)  # at least one negative
             cands = [(world.matching_objects(rng, intent), True) for _ in range(n_pos)]
             while len(cands) < n_cand:
                 cands.append((world.negative_objects(rng, intent), False))
@@ -428,7 +666,7 @@ def write_candidates(world, rng, path, n_queries, first_pid, first_qid, catalogu
                 catalogue.add(pid, objs)
                 if positive:
                     answers[str(qid)].append(pid)
-                rec["cands"].append((pid, prod[4]))
+                rec["cands"].append((pid, prod[4], world.oracle_score(intent, prod[3])))
                 pid += 1
             records.append(rec)
     os.replace(path + ".tmp", path)
@@ -436,16 +674,20 @@ def write_candidates(world, rng, path, n_queries, first_pid, first_qid, catalogu
 
 
 def baseline_report(records, answers, head_class_counts, seed):
-    """NDCG@5 of a random ranking and of a detector-class match learned from train."""
+    """NDCG@5 of a random ranking, of a detector-class match learned from train and of the
+    oracle (``World.oracle_score``); and the oracle's rankings {qid: [(pid, score), ...]}."""
     rng = np.random.default_rng(seed)
     head_class = {h: int(np.argmax(c[:29])) for h, c in head_class_counts.items()}
-    rand, cls = {}, {}
+    rand, cls, oracle = {}, {}, {}
     for r, (qid, ans) in zip(records, answers.items()):
-        pids = [p for p, _ in r["cands"]]
+        pids = [p for p, _, _ in r["cands"]]
         rand[qid] = [(p, float(s)) for p, s in zip(pids, rng.random(len(pids)))]
         k = head_class.get(r["head"], -1)
-        cls[qid] = [(p, float(np.mean(lab == k)) + 1e-3 * rng.random()) for p, lab in r["cands"]]
-    return {"random": ndcg_at_k(rand, answers), "class_match": ndcg_at_k(cls, answers)}
+        cls[qid] = [(p, float(np.mean(lab == k)) + 1e-3 * rng.random())
+                    for p, lab, _ in r["cands"]]
+        oracle[qid] = [(p, s) for p, _, s in r["cands"]]
+    return {"random": ndcg_at_k(rand, answers), "class_match": ndcg_at_k(cls, answers),
+            "oracle": ndcg_at_k(oracle, answers)}, oracle
 
 
 def atomic_write_text(path, text):
@@ -454,14 +696,22 @@ def atomic_write_text(path, text):
     os.replace(path + ".tmp", path)
 
 
-def generate(out, preset="small", *, seed=0, lang="en", difficulty=1.0, train_queries=None,
+def generate(out, preset="small", *, seed=0, lang="en", difficulty=None, train_queries=None,
              eval_queries=None, log=print, **knobs):
-    """Write a data root; ``knobs`` override the preset's world (see KNOBS)."""
+    """Write a data root; ``knobs`` override the preset's world (see KNOBS); a family
+    preset draws its world from the seed (``draw_family``), and ``difficulty`` (default 1)
+    is refused there."""
     cfg = dict(PRESETS[preset])
     cfg["train_queries"] = train_queries or cfg["train_queries"]
     cfg["eval_queries"] = eval_queries or cfg["eval_queries"]
-    world_knobs = {**WORLDS[cfg["world"]], **knobs}
-    world = World(seed, difficulty, lang, **world_knobs)
+    family = cfg["world"] == "family"
+    if family and difficulty is not None:
+        raise WorldError("--difficulty scales the default world; a family world draws its "
+                         "own properties from --seed")
+    drawn = draw_family(seed) if family else WORLDS[cfg["world"]]
+    world = World(seed, 1.0 if difficulty is None else difficulty, lang, **{**drawn, **knobs})
+    sizes = {"valid": cfg["eval_queries"], "testB": cfg["eval_queries"],
+             "testA": min(cfg.get("testA_queries", cfg["eval_queries"]), cfg["eval_queries"])}
     for split in ("train", "valid", "testA", "testB"):
         os.makedirs(os.path.join(out, split), exist_ok=True)
     marker = os.path.join(out, GENERATING)  # removed last: a killed run leaves it behind
@@ -472,20 +722,23 @@ def generate(out, preset="small", *, seed=0, lang="en", difficulty=1.0, train_qu
     n_rows = write_train(world, np.random.default_rng([seed, 1]),
                          os.path.join(out, "train", "train.tsv"), cfg["train_queries"], stats,
                          catalogue)
-    report = {"preset": preset, "seed": seed, "lang": lang, "difficulty": difficulty,
-              "world": world.k, "train_rows": n_rows, "train_queries": cfg["train_queries"]}
+    report = {"preset": preset, "seed": seed, "lang": lang,
+              "difficulty": None if family else world.difficulty, "world": world.k,
+              **({"family": drawn} if family else {}),
+              "train_rows": n_rows, "train_queries": cfg["train_queries"]}
     for i, split in enumerate(("valid", "testA", "testB")):
         answers, records, intents = write_candidates(
             world, np.random.default_rng([seed, 2 + i]),
-            os.path.join(out, split, split + ".tsv"), cfg["eval_queries"],
+            os.path.join(out, split, split + ".tsv"), sizes[split],
             103_000_000 + i * 300_000, 1 + i * 100_000, catalogue)
         atomic_write_text(os.path.join(out, split, split + "_answer.json"), json.dumps(answers))
         evals[split] = answers, intents
-        base = baseline_report(records, answers, stats, seed)
+        base, oracle = baseline_report(records, answers, stats, seed)
+        write_predictions(oracle, os.path.join(out, split, split + "_pred_oracle.json"))
         report[split] = {"queries": len(answers),
                          "candidates": sum(len(r["cands"]) for r in records), **base}
-        log("%-5s %4d queries  NDCG@5 random %.4f  class-match %.4f" % (
-            split, len(answers), base["random"], base["class_match"]))
+        log("%-5s %4d queries  NDCG@5 random %.4f  class-match %.4f  oracle %.4f" % (
+            split, len(answers), base["random"], base["class_match"], base["oracle"]))
     for split, (answers, intents) in evals.items():  # every product is catalogued by now
         gallery = gallery_answers(catalogue, intents, answers, split)
         atomic_write_text(os.path.join(out, split, split + "_gallery_answer.json"),
@@ -509,9 +762,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lang", default="en", choices=["en", "zh"])
-    p.add_argument("--difficulty", type=float, default=1.0,
-                   help="default world: scales noise, label errors, hidden attributes, "
-                        "look-alike values")
+    p.add_argument("--difficulty", type=float,
+                   help="default world (1 unless given): scales noise, label errors, hidden "
+                        "attributes, look-alike values; not for the family presets")
     p.add_argument("--train-queries", type=int, help="override the preset")
     p.add_argument("--eval-queries", type=int, help="override the preset (per split)")
     g = p.add_argument_group("world knobs (override the preset's world; see KNOBS)")
@@ -532,14 +785,36 @@ def parse_args(argv=None):
     g.add_argument("--negatives", type=lambda t: tuple(float(x) for x in t.split(",")),
                    help="HARD,LOOKALIKE,RANDOM shares of the negatives")
     g.add_argument("--swap", type=float, help="share of two-garment hard negatives that swap")
+    g.add_argument("--signal", choices=SIGNALS, help="how a signature carries its concept")
+    g.add_argument("--sig-dims", type=int, help="dimensions of a sparse signature")
+    g.add_argument("--sig-scale", type=float, help="scale of every signature")
+    g.add_argument("--tail", type=float, help="dense signal: sigma of the log-normal")
+    g.add_argument("--basis", type=int, help="lowrank signal: shared basis vectors")
+    g.add_argument("--mix", type=int, help="lowrank signal: basis vectors per concept")
+    g.add_argument("--similar", type=float, help="how far a value moves to its look-alike")
+    g.add_argument("--boxes", type=lambda t: tuple(int(x) for x in _pair(t)),
+                   help="LO,HI extra regions (crops, nuisances, background) per picture")
+    g.add_argument("--categories", type=lambda t: t.split(","),
+                   help="head nouns in use, comma-separated")
+    g.add_argument("--attr-values", type=json.loads,
+                   help='values in use per slot, JSON: {"colour": ["red", "blue"], ...}')
+    g.add_argument("--slot-p", type=lambda t: {k: float(v) for k, v in
+                                               (kv.split("=") for kv in t.split(","))},
+                   help="SLOT=P,...: probability a query names the slot")
+    g.add_argument("--phrases", type=float, help="probability of a two-word head noun")
+    g.add_argument("--positives", type=lambda t: tuple(int(x) for x in _pair(t)),
+                   help="LO,HI positives per candidate list")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     a = parse_args(argv)
     knobs = {k: v for k, v in vars(a).items() if k in KNOBS and v is not None}
-    generate(a.out, a.preset, seed=a.seed, lang=a.lang, difficulty=a.difficulty,
-             train_queries=a.train_queries, eval_queries=a.eval_queries, **knobs)
+    try:
+        generate(a.out, a.preset, seed=a.seed, lang=a.lang, difficulty=a.difficulty,
+                 train_queries=a.train_queries, eval_queries=a.eval_queries, **knobs)
+    except WorldError as e:
+        sys.exit("synthetic.py: %s" % e)
 
 
 if __name__ == "__main__":
