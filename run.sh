@@ -16,6 +16,8 @@
 #             multilabel,model1,model2,model3 otherwise
 #   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS, MODEL3_ARGS  extra flags of one stage's train.py
 #             (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
+#   SEARCH    1 (default): whole-catalogue search by model3, re-ranked by the blend, and the
+#             saved index; 0: skip both (their earlier outputs are removed)
 #   RESUME    1: skip each stage that finished before in OUT_DIR with the same command,
 #             the same inputs and the same outputs (OUT_DIR/.stages/NAME records their
 #             fingerprints: provenance.py), up to the first that must run, whose reason is
@@ -45,6 +47,8 @@ else
   ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-multilabel,model1,model2,model3}
 fi
 ENSEMBLE_WEIGHTING=${ENSEMBLE_WEIGHTING:-tuned}
+SEARCH=${SEARCH:-1}
+case "$SEARCH" in 0|1) ;; *) echo "run.sh: SEARCH must be 0 or 1, got '$SEARCH'" >&2; exit 2 ;; esac
 PRED="$OUT_DIR/prediction_result"
 mkdir -p "$OUT_DIR" "$PRED"
 TIMES="$OUT_DIR/stage_times.tsv"
@@ -131,10 +135,15 @@ stage ensemble --in "${BLEND_IN[@]}" "${SPLITS[@]}" --out "$PRED/submission.csv"
   -p pred_dir "$PRED" -p valid_answers "$DATA_DIR/valid/valid_answer.json" -p test_answers "$TEST_ANS" \
   -p out "$PRED/submission.csv" -p models "$ENSEMBLE_MODELS" -p how "$ENSEMBLE_HOW" \
   -p weighting "$ENSEMBLE_WEIGHTING"
-stage retrieval --in "$OUT_DIR/model3/best.pt" "$ENCODER" "$OUT_DIR/info" "$STORE_DIR" "$PRED/ensemble.json" \
-    "${CKPTS[@]}" "${GALLERY[@]}" \
-    --out "$PRED"/{valid,test}_gallery_{model3,rerank}.json "$PRED/gallery_metrics.json" -- \
-  python model3/retrieve.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --split valid --split testB --k 100 --out "$PRED" --rerank "$PRED/ensemble.json"
-stage index --in "$OUT_DIR/model3/best.pt" "$ENCODER" "$OUT_DIR/info" "$STORE_DIR" "${GALLERY[@]}" --out "$OUT_DIR/index" -- \
-  python model3/index.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --out "$OUT_DIR/index" --no-progress
+if [ "$SEARCH" = 1 ]; then
+  stage retrieval --in "$OUT_DIR/model3/best.pt" "$ENCODER" "$OUT_DIR/info" "$STORE_DIR" "$PRED/ensemble.json" \
+      "${CKPTS[@]}" "${GALLERY[@]}" \
+      --out "$PRED"/{valid,test}_gallery_{model3,rerank}.json "$PRED/gallery_metrics.json" -- \
+    python model3/retrieve.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --split valid --split testB --k 100 --out "$PRED" --rerank "$PRED/ensemble.json"
+  stage index --in "$OUT_DIR/model3/best.pt" "$ENCODER" "$OUT_DIR/info" "$STORE_DIR" "${GALLERY[@]}" --out "$OUT_DIR/index" -- \
+    python model3/index.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --out "$OUT_DIR/index" --no-progress
+else  # no search this run: nothing of an earlier one may pass for this run's
+  rm -rf "$PRED"/{valid,test}_gallery_{model3,rerank}.json "$PRED/gallery_metrics.json" \
+    "$OUT_DIR/index" "$DONE/retrieval" "$DONE/index"
+fi
 run python summary.py --out "$OUT_DIR"
