@@ -14,8 +14,10 @@
 #             weights' 5-fold estimate against equal weights' valid score)
 #   ENSEMBLE_MODELS  the blend's members; default model1,model2 with PRESET=paper,
 #             multilabel,model1,model2,model3 otherwise
-#   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS, MODEL3_ARGS  extra flags of one stage's train.py
-#             (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
+#   MODEL4    1: also train model4, the cross-encoder re-ranker, after model3 and add it to
+#             the blend's default members (default 0: no model4)
+#   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS, MODEL3_ARGS, MODEL4_ARGS  extra flags of one
+#             stage's train.py (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
 #   RESUME    1: skip each stage that finished before in OUT_DIR with the same command
 #             (OUT_DIR/.stages/NAME records it), up to the first that must run: every
 #             stage after it runs again, since it may read what changed. Delete a stage's
@@ -32,10 +34,11 @@ case "$STORE" in
   npz) WORKERS=${WORKERS:-1} ;;
   *) echo "run.sh: STORE must be packed or npz, got '$STORE'" >&2; exit 2 ;;
 esac
+M4=""; [ "${MODEL4:-0}" = 1 ] && M4=,model4  # model4 as one more stage and member
 if [ "$PRESET" = paper ]; then
-  ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-model1,model2}
+  ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-model1,model2$M4}
 else
-  ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-multilabel,model1,model2,model3}
+  ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-multilabel,model1,model2,model3$M4}
 fi
 ENSEMBLE_WEIGHTING=${ENSEMBLE_WEIGHTING:-tuned}
 PRED="$OUT_DIR/prediction_result"
@@ -84,10 +87,11 @@ read -ra MULTILABEL_EXTRA <<< "${MULTILABEL_ARGS:-}"
 read -ra MODEL1_EXTRA <<< "${MODEL1_ARGS:-}"
 read -ra MODEL2_EXTRA <<< "${MODEL2_ARGS:-}"
 read -ra MODEL3_EXTRA <<< "${MODEL3_ARGS:-}"
+read -ra MODEL4_EXTRA <<< "${MODEL4_ARGS:-}"
 stage multilabel_train "${TRAIN[@]}" multilabel/train.py "${COMMON[@]}" "${MULTILABEL_EXTRA[@]}" --out "$OUT_DIR/multilabel"
 stage multilabel_export python multilabel/export_model.py --ckpt "$OUT_DIR/multilabel/best.pt" --out "$OUT_DIR/multilabel/encoder.pt"
 stage multilabel_validation python multilabel/validation.py --ckpt "$OUT_DIR/multilabel/best.pt" --data "$DATA_DIR" --captions 5 --split valid --split testB --out "$PRED"
-for m in model1 model2 model3; do
+for m in model1 model2 model3 ${M4:+model4}; do
   extra=MODEL${m#model}_EXTRA[@]
   stage ${m}_train "${TRAIN[@]}" $m/train.py "${COMMON[@]}" "${!extra}" --export "$OUT_DIR/multilabel/encoder.pt" --out "$OUT_DIR/$m"
   stage ${m}_validation python $m/validation.py --ckpt "$OUT_DIR/$m/best.pt" --data "$DATA_DIR" --split valid --split testB --out "$PRED"
