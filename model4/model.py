@@ -58,7 +58,7 @@ def encoder_stack(d, heads, d_ff, layers, dropout):
 
 class WordEmbedding(nn.Module):
     """Word ids (B, L) -> [CLS] + words (B, 1 + L, d): embedding -> projection, plus a
-    position and the text type; LayerNorm, dropout. ``mask_at`` (B, L) bool puts the
+    position and the text segment; LayerNorm, dropout. ``mask_at`` (B, L) bool puts the
     learned [MASK] vector in place of those words."""
 
     def __init__(self, word_emb, d, dropout, with_mask=False, word_match=False):
@@ -95,9 +95,9 @@ class WordEmbedding(nn.Module):
 
 class RegionEmbedding(nn.Module):
     """Regions -> (B, N, d): the exported trunk's region vectors projected, plus a box
-    projection, a detector-class embedding and the region type; LayerNorm, dropout. With
-    ``heads``, also the export's (B, 5, E) heads of the product (its pooling and output
-    MLP, frozen), else None."""
+    projection, a detector-class embedding and the region segment; LayerNorm, dropout.
+    With ``heads``, also the export's (B, 5, E) heads of the product (its pooling and
+    output MLP, frozen)."""
 
     def __init__(self, encoder, d, dropout, tune_trunk=False, heads=False):
         super().__init__()
@@ -105,10 +105,8 @@ class RegionEmbedding(nn.Module):
         for p in self.trunk.parameters():
             p.requires_grad = tune_trunk
         self.pool, self.out = (encoder.pool, encoder.out) if heads else (None, None)
-        for p in encoder.pool.parameters() if heads else ():
-            p.requires_grad = False
-        for p in encoder.out.parameters() if heads else ():
-            p.requires_grad = False
+        for part in (self.pool, self.out) if heads else ():
+            part.requires_grad_(False)
         self.n_out = encoder.config["n_out"]
         self.proj = nn.Linear(encoder.config["d_model"], d)
         self.box = nn.Linear(5, d)
@@ -117,15 +115,15 @@ class RegionEmbedding(nn.Module):
         self.norm, self.drop = nn.LayerNorm(d), nn.Dropout(dropout)
 
     def forward(self, boxes, feats, mask, labels):
-        """boxes (B, N, 5), feats (B, N, F), mask (B, N), labels (B, N) -> (B, N, d)."""
+        """boxes (B, N, 5), feats (B, N, F), mask (B, N), labels (B, N) -> ((B, N, d), the
+        heads (B, 5, E) or None)."""
         with torch.set_grad_enabled(self.tune_trunk and torch.is_grad_enabled()):
             x = self.trunk(boxes, feats, mask)
         heads = None
         if self.out is not None:
             with torch.no_grad():
                 heads = self.out(self.pool(x, mask)).view(len(x), self.n_out, -1)
-        x = self.proj(x) + self.box(boxes) + self.label(labels.clamp(0, N_CLASSES - 1)) \
-            + self.segment
+        x = self.proj(x) + self.box(boxes) + self.label(labels) + self.segment
         return self.drop(self.norm(x)), heads
 
 
@@ -167,6 +165,9 @@ class CrossEncoder(nn.Module):
         super().__init__()
         if streams not in (1, 2):
             raise ValueError("streams must be 1 or 2, got %r" % (streams,))
+        if streams == 2 and cross_layers < 1:
+            raise utils.DataError("two streams meet in the cross layers: --cross-layers must "
+                                  "be >= 1, got %r" % (cross_layers,))
         d = d_model
         self.encoder = RegionEmbedding(encoder, d, dropout, tune_trunk=tune_trunk,
                                        heads=word_match)

@@ -2,8 +2,9 @@
 one stream or two), the listwise loss by hand, the pairs a batch scores, forward's loss
 against the pairs scored one by one, masked-word prediction, the detector classes in the
 batches and candidate sets, the presets; slow: a batch split across two gloo processes
-against one process on the whole batch, training writes both prediction files, and a
-resumed run ends bit-identical to an uninterrupted one."""
+against one process on the whole batch, training writes both prediction files (and the
+re-ranking scores it alike), and a resumed run ends bit-identical to an uninterrupted
+one."""
 import argparse
 import math
 import os
@@ -20,6 +21,7 @@ import metric
 import sampler
 import tsv
 import utils
+from model3 import rerank
 from model4 import model as m4_model, train as m4_train, validation as m4_validation
 from multilabel.model import ENCODER_PRESETS, ImageEncoder
 from test_stages import _common, _log, _params
@@ -283,11 +285,19 @@ def test_trains_and_writes_predictions_the_blend_reads(pretrained, tiny_world, t
     res = m4_validation.main(["--ckpt", os.path.join(out, "best.pt"), "--split", "valid",
                               "--split", "testB", "--out", pred])
     assert res["valid"] == pytest.approx(log[0]["valid_ndcg5"], abs=1e-6)
+    preds_valid = metric.load_predictions(os.path.join(pred, "valid_pred_model4.json"))
     for split, name in (("valid", "valid"), ("testB", "test")):
         preds = metric.load_predictions(os.path.join(pred, "%s_pred_model4.json" % name))
         cands = tsv.read_candidates(os.path.join(tiny_world.data, split, split + ".tsv"))
         assert {q: set(s) for q, s in preds.items()} == \
             {q: {p["product_id"] for p in c["products"]} for q, c in cands.items()}
+    # the re-ranking of a retrieved top K loads it as a member and scores the same
+    score, vocab, _ = rerank.load_member("model4", os.path.join(out, "best.pt"),
+                                         torch.device("cpu"))
+    cset = utils.CandidateSet.from_tsv(os.path.join(tiny_world.data, "valid", "valid.tsv"), vocab)
+    got = score(cset)
+    assert all(s == pytest.approx(preds_valid[q][p], abs=1e-6)
+               for q, ps in got.items() for p, s in ps)
 
 
 @pytest.mark.slow
