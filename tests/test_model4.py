@@ -9,7 +9,6 @@ import argparse
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as td
