@@ -1,6 +1,6 @@
-"""What model1, model2 and model3 share: flags, the training run, the pretrained export,
-parameter groups, scoring, the per-epoch evaluator, loading a trained checkpoint and writing
-prediction files.
+"""What the matching stages (model1 to model4) share: flags, the training run, the
+pretrained export, parameter groups, scoring, the per-epoch evaluator, loading a trained
+checkpoint and writing prediction files.
 
 Each stage's ``model.py`` supplies ``PRESETS`` and ``build_model(encoder, word_emb, args)``;
 its ``train.py`` and ``validation.py`` call the helpers here.
@@ -57,11 +57,12 @@ def train_parser(description, presets, *, in_batch=False):
     return p
 
 
-def train_main(args, build_model, *, fallback):
+def train_main(args, build_model, *, fallback, labels=False):
     """Train a stage, its options parsed and its preset applied: the process group, the
     pairs with hard negatives (``fallback``: the group a negative query comes from when it
-    does not share the last word, see ``sampler.NegativeSampler``), the stage's model on
-    the export, then ``engine.fit``. -> the per-epoch history."""
+    does not share the last word, see ``sampler.NegativeSampler``; ``labels``: the batches
+    carry the regions' detector classes), the stage's model on the export, then
+    ``engine.fit``. -> the per-epoch history."""
     runtime.check_writable(args.out)
     dist = runtime.Dist(args.local_rank, timeout_s=args.dist_timeout)
     runtime.setup_logging(dist.main)
@@ -70,7 +71,7 @@ def train_main(args, build_model, *, fallback):
     negatives = sampler.NegativeSampler(queries, p_last=args.p_last, fallback=fallback,
                                         p_near=args.p_near)
     dataset = utils.PairDataset(queries, vocab, engine.build_store(args), sampler=negatives,
-                                seed=args.seed)
+                                seed=args.seed, labels=labels)
     encoder, word_emb, _ = load_pretrained(args.export, vocab, args.info)
     model = build_model(encoder, word_emb, args)
     # only rank 0 evaluates: the other ranks never read the evaluation split
@@ -117,9 +118,12 @@ def score_split(model, cset, device, batch_size=4096):
     """Every candidate of a CandidateSet -> {qid: [(pid, score), ...]}; products encoded once.
 
     A query with no known word gets the same score for all its candidates (model1) or reads
-    ``<unk>`` (model2); ties rank by product id.
+    ``<unk>`` (model2); ties rank by product id. A model that reads each pair whole (a
+    cross-encoder, model4) scores the candidates itself: ``score_candidates``.
     """
     model.eval()
+    if hasattr(model, "score_candidates"):
+        return cset.predictions(model.score_candidates(cset, device, batch_size).numpy())
     image = engine.encode_products(model.encode_image, cset, device)
     tokens, _ = utils.pad_tokens(cset.tokens)
     tokens = tokens.to(device)

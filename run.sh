@@ -14,8 +14,10 @@
 #             weights' 5-fold estimate against equal weights' valid score)
 #   ENSEMBLE_MODELS  the blend's members; default model1,model2 with PRESET=paper,
 #             multilabel,model1,model2,model3 otherwise
-#   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS, MODEL3_ARGS  extra flags of one stage's train.py
-#             (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
+#   MODEL4    1: also train model4, the cross-encoder re-ranker, after model3 and add it to
+#             the blend's default members (default 0: no model4)
+#   MULTILABEL_ARGS, MODEL1_ARGS, MODEL2_ARGS, MODEL3_ARGS, MODEL4_ARGS  extra flags of one
+#             stage's train.py (e.g. MODEL1_ARGS="--p-near 0" for an ablation)
 #   SEARCH    1 (default): whole-catalogue search by model3, re-ranked by the blend, and the
 #             saved index; 0: skip both (their earlier outputs are removed)
 #   RESUME    1: skip each stage that finished before in OUT_DIR with the same command,
@@ -41,10 +43,11 @@ if [ -e "$DATA_DIR/.generating" ]; then  # written first and removed last by syn
   echo "run.sh: $DATA_DIR: a generated world that synthetic.py did not finish (.generating is there): regenerate it with synthetic.py, or delete it and run.sh generates the small world there" >&2
   exit 2
 fi
+M4=""; [ "${MODEL4:-0}" = 1 ] && M4=,model4  # model4 as one more stage and member
 if [ "$PRESET" = paper ]; then
-  ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-model1,model2}
+  ENSEMBLE_HOW=${ENSEMBLE_HOW:-raw}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-model1,model2$M4}
 else
-  ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-multilabel,model1,model2,model3}
+  ENSEMBLE_HOW=${ENSEMBLE_HOW:-best}; ENSEMBLE_MODELS=${ENSEMBLE_MODELS:-multilabel,model1,model2,model3$M4}
 fi
 ENSEMBLE_WEIGHTING=${ENSEMBLE_WEIGHTING:-tuned}
 SEARCH=${SEARCH:-1}
@@ -112,13 +115,14 @@ read -ra MULTILABEL_EXTRA <<< "${MULTILABEL_ARGS:-}"
 read -ra MODEL1_EXTRA <<< "${MODEL1_ARGS:-}"
 read -ra MODEL2_EXTRA <<< "${MODEL2_ARGS:-}"
 read -ra MODEL3_EXTRA <<< "${MODEL3_ARGS:-}"
+read -ra MODEL4_EXTRA <<< "${MODEL4_ARGS:-}"
 stage multilabel_train --in "$OUT_DIR/info" "$STORE_DIR" "${EVAL[@]}" --out "$OUT_DIR/multilabel"/{best.pt,last.pt,log.jsonl} -- \
   "${TRAIN[@]}" multilabel/train.py "${COMMON[@]}" "${MULTILABEL_EXTRA[@]}" --out "$OUT_DIR/multilabel"
 stage multilabel_export --in "$OUT_DIR/multilabel/best.pt" --out "$ENCODER" -- \
   python multilabel/export_model.py --ckpt "$OUT_DIR/multilabel/best.pt" --out "$ENCODER"
 stage multilabel_validation --in "$OUT_DIR/multilabel/best.pt" "${SPLITS[@]}" --out "$PRED"/{valid,test}_pred_multilabel.json -- \
   python multilabel/validation.py --ckpt "$OUT_DIR/multilabel/best.pt" --data "$DATA_DIR" --captions 5 --split valid --split testB --out "$PRED"
-for m in model1 model2 model3; do
+for m in model1 model2 model3 ${M4:+model4}; do
   extra=MODEL${m#model}_EXTRA[@]
   stage ${m}_train --in "$OUT_DIR/info" "$STORE_DIR" "$ENCODER" "${EVAL[@]}" --out "$OUT_DIR/$m"/{best.pt,last.pt,log.jsonl} -- \
     "${TRAIN[@]}" $m/train.py "${COMMON[@]}" "${!extra}" --export "$ENCODER" --out "$OUT_DIR/$m"

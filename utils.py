@@ -387,7 +387,7 @@ class PairDataset:
     torch; the DataLoader needs nothing but ``__len__`` and ``__getitem__``.
     """
 
-    def __init__(self, queries, vocab, store, sampler=None, seed=0):
+    def __init__(self, queries, vocab, store, sampler=None, seed=0, labels=False):
         tokens = queries["tokens"]
         if isinstance(tokens, Ragged) and tokens.pool is not None:
             # encode the distinct words once, then every row by indexing
@@ -409,6 +409,7 @@ class PairDataset:
         if len(self.pair_query) == 0:
             raise DataError("PairDataset: no (query, product) pair to train on")
         self.store, self.sampler, self.seed, self.epoch = store, sampler, int(seed), 0
+        self.labels = labels  # also carry each region's detector class (model4 reads them)
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
@@ -421,17 +422,22 @@ class PairDataset:
 
     def __getitem__(self, i):
         """-> {q: [ids], qi, pid, p: (boxes (n, 5), feats (n, D))} and, with a sampler,
-        {nq: [ids], nqi, npid, np: (boxes (m, 5), feats (m, D))}."""
+        {nq: [ids], nqi, npid, np: (boxes (m, 5), feats (m, D))}; with ``labels`` also
+        pl (n,) and nl (m,), the regions' detector classes."""
         i = int(i)
         qi, pid = int(self.pair_query[i]), int(self.pair_product[i])
-        boxes, feats, _ = self.store.get(pid)
+        boxes, feats, labels = self.store.get(pid)
         item = {"q": self.tokens(qi), "qi": qi, "pid": pid, "p": (boxes, feats)}
+        if self.labels:
+            item["pl"] = labels
         if self.sampler is not None:
             rng = np.random.default_rng([self.seed, self.epoch, i])
             nqi = self.sampler.negative_query(qi, rng)
             npid = self.sampler.negative_product(qi, rng)
-            nboxes, nfeats, _ = self.store.get(npid)
+            nboxes, nfeats, nlabels = self.store.get(npid)
             item.update(nq=self.tokens(nqi), nqi=nqi, npid=npid, np=(nboxes, nfeats))
+            if self.labels:
+                item["nl"] = nlabels
         return item
 
 
@@ -442,7 +448,8 @@ def collate_pairs(batch, flat=False):
     q_tokens (B, L) long, qi (B,) query indices, pid (B,) product ids, p_boxes (B, N, 5), p_feats (B, N, D),
     p_mask (B, N) bool (True on real boxes); caption_in (B, L+1) = [BOS] + ids,
     caption_out (B, L+1) = ids + [EOS]; with negatives also nq_tokens (B, L'), npid (B,),
-    n_boxes (B, M, 5), n_feats (B, M, D), n_mask (B, M).
+    n_boxes (B, M, 5), n_feats (B, M, D), n_mask (B, M); items with detector classes add
+    p_labels (B, N) and n_labels (B, M), long, 0 on padding.
 
     ``flat=True`` leaves the regions unpadded: p_boxes (R, 5), p_feats (R, D) and
     p_lengths (B,) in place of p_mask (the same for n_); ``unflatten`` pads them where the
@@ -464,6 +471,9 @@ def collate_pairs(batch, flat=False):
         out["npid"] = torch.tensor([b["npid"] for b in batch], dtype=torch.long)
         out["n_boxes"], out["n_feats"], out["n_lengths" if flat else "n_mask"] = \
             regions([b["np"] for b in batch])
+    for side in ("p", "n"):  # a few integers a region: padded even in a flat batch
+        if side + "l" in batch[0]:
+            out[side + "_labels"], _ = pad_tokens([b[side + "l"] for b in batch])
     return out
 
 
@@ -490,8 +500,8 @@ class CandidateSet:
     Queries (sorted by id): ``qids`` (Q,) int64, ``texts``, ``tokens`` (lists of ids, EMPTY
     for a query of stopwords only: models must still score it). Products: ``pids`` (P,)
     int64, ``pos`` (P,) the position of their query, ``offsets`` (Q + 1,) so query k owns
-    ``pids[offsets[k]:offsets[k+1]]``; regions in ``boxes`` (R, 5), ``feats`` (R, D) with
-    ``box_off`` (P + 1,).
+    ``pids[offsets[k]:offsets[k+1]]``; regions in ``boxes`` (R, 5), ``feats`` (R, D),
+    ``labels`` (R,) detector classes, with ``box_off`` (P + 1,).
     """
 
     def __init__(self, candidates, vocab, max_boxes=None):
@@ -516,6 +526,8 @@ class CandidateSet:
                       else np.zeros((0, 5), np.float32))
         self.feats = (np.concatenate([f for _, f, _ in regions]) if regions
                       else np.zeros((0, FEAT_DIM), np.float32))
+        self.labels = (np.concatenate([c for _, _, c in regions]).astype(np.int64)
+                       if regions else np.zeros(0, np.int64))
 
     @classmethod
     def from_tsv(cls, path, vocab, max_boxes=None, skip_bad=False):
@@ -541,17 +553,18 @@ class CandidateSet:
         return len(self.qids)
 
     def product_batches(self, batch_size):
-        """Yield {boxes (B, N, 5), feats (B, N, D), mask (B, N), pids (B,), pos (B,),
-        index (B,) positions in ``pids``} over every product, fewest boxes first: a batch
-        of alike products pads little (in file order, most of the work was padding)."""
+        """Yield {boxes (B, N, 5), feats (B, N, D), mask (B, N), labels (B, N) detector
+        classes (0 on padding), pids (B,), pos (B,), index (B,) positions in ``pids``} over
+        every product, fewest boxes first: a batch of alike products pads little (in file
+        order, most of the work was padding)."""
         import torch
         order = np.argsort(np.diff(self.box_off), kind="stable")
         for s in range(0, len(self.pids), batch_size):
             idx = order[s:s + batch_size]
-            items = [(self.boxes[self.box_off[k]:self.box_off[k + 1]],
-                      self.feats[self.box_off[k]:self.box_off[k + 1]]) for k in idx]
-            boxes, feats, mask = pad_regions(items)
-            yield {"boxes": boxes, "feats": feats, "mask": mask,
+            spans = [slice(self.box_off[k], self.box_off[k + 1]) for k in idx]
+            boxes, feats, mask = pad_regions([(self.boxes[r], self.feats[r]) for r in spans])
+            labels, _ = pad_tokens([self.labels[r] for r in spans])
+            yield {"boxes": boxes, "feats": feats, "mask": mask, "labels": labels,
                    "pids": torch.from_numpy(self.pids[idx]), "pos": torch.from_numpy(self.pos[idx]),
                    "index": torch.from_numpy(idx)}
 

@@ -7,7 +7,7 @@ region (zero at the start, so pooling first sees what it was pretrained on) and,
 at the start), which reaches what pretraining left out of the trunk -> pooling over
 the regions (the exported attention pooling, or the mean) -> Linear -> L2 norm. Text side:
 the exported word embeddings (frozen) -> LayerNorm -> attention pooling (or a BiGRU whose
-states are attention-pooled) -> Linear -> L2 norm. The collate carries no detector class,
+states are attention-pooled) -> Linear -> L2 norm. Its batches carry no detector class,
 so there is no class embedding.
 
 Loss: InfoNCE in both directions with a learned temperature over every pair of the batch

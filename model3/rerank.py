@@ -1,7 +1,7 @@
 """Re-ranking a retrieved top K with the blend of ``ensemble.py``.
 
 Each query's K retrieved products are scored by every member of the blend that can score
-any (query, product) pair: model1, model2, model3 (``matching.score_split``) and the
+any (query, product) pair: model1 to model4 (``matching.score_split``) and the
 pretraining score (``multilabel``, ``rank_split``). The scores are normalised per query with
 the blend's normalisation and mixed with its weights (``ensemble.blend_members``), a chunk
 of queries at a time: only that chunk's products have their regions in memory.
@@ -22,12 +22,13 @@ import matching  # noqa: E402
 import model1.model  # noqa: E402
 import model2.model  # noqa: E402
 import model3.model  # noqa: E402
+import model4.model  # noqa: E402
 import tsv  # noqa: E402
 import utils  # noqa: E402
 from multilabel.validation import load_pretrainer, rank_split  # noqa: E402
 
 BUILDERS = {"model1": model1.model.build_model, "model2": model2.model.build_model,
-            "model3": model3.model.build_model}
+            "model3": model3.model.build_model, "model4": model4.model.build_model}
 PAIR_SCORERS = ("multilabel",) + tuple(BUILDERS)
 
 

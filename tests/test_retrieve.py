@@ -313,8 +313,8 @@ def test_the_blend_and_its_checkpoints(tmp_path):
         "model1": os.path.join(run, "model1", "best.pt"), "model2": "x/last.pt"}
     with pytest.raises(DataError, match="--member model3=a: want MEMBER=PATH"):
         rerank.member_checkpoints(path, ["model1", "model2"], ["model3=a"])
-    with pytest.raises(DataError, match="member model4 scores only the candidates"):
-        rerank.read_blend(_write_blend(str(tmp_path / "b"), ["model1", "model4"], [0.5, 0.5]))
+    with pytest.raises(DataError, match="member model5 scores only the candidates"):
+        rerank.read_blend(_write_blend(str(tmp_path / "b"), ["model1", "model5"], [0.5, 0.5]))
     with open(path, "w") as f:
         json.dump({"how": "rank", "t": 0.5}, f)
     with pytest.raises(DataError, match="not a blend of ensemble.py"):
