@@ -78,7 +78,7 @@ def _mean_over_answers(one, predictions, answers, k):
 
 def ndcg_per_query(predictions, answers, k=5):
     """{query_id: official NDCG@k} over every query of ``answers``: what a paired
-    comparison of two rankers resamples (bench/compare.py)."""
+    comparison of two rankers resamples (experiments/compare.py)."""
     return _per_query(ndcg_one, predictions, answers, k)
 
 

@@ -82,7 +82,7 @@ def exact_search(queries, gallery, k, chunk=16384):
 
 
 # HNSW: links per node, and the candidate lists of building and of searching, as measured
-# at a million products in bench/README.md (section 8)
+# at a million products in bench/README.md (section 6)
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 128, 160
 
 

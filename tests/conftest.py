@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # one thread per process, as torchrun gives each rank: with two, a machine busy with other
-# jobs stalls every GRU step (bench/README.md, section 3), and the fast tier with it
+# jobs stalls every GRU step (docs/decisions.md, "One thread per process"), and the fast
+# tier with it
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # files whose every test is slow, longest first; they also run first: pytest-xdist (-n 2,
 # --dist loadgroup) deals the tests out in order as test processes come free, so the two

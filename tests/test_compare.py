@@ -1,4 +1,4 @@
-"""bench/compare.py: the paired difference of NDCG@5 and its bootstrap interval."""
+"""experiments/compare.py: the paired difference of NDCG@5 and its bootstrap interval."""
 import json
 import math
 import os
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "bench"))
+                                "experiments"))
 import compare  # noqa: E402
 from tsv import DataError  # noqa: E402
 

@@ -2,7 +2,7 @@
 beyond the gallery, faiss against the exact search, the command's files on the tiny world
 with a stand-in model; re-ranking (model3/rerank.py) with stand-in members: one member
 weighted 1 sorts the K by its own pair scores, a blend computed by hand, the brute force of
-bench/rerank_ceiling.py, the products read again from the store and the TSVs, the blend's
+experiments/rerank_ceiling.py, the products read again from the store and the TSVs, the blend's
 file and checkpoints; slow: model3 trained on the tiny world, retrieved end to end, and
 re-ranked with model1 and the pretraining score."""
 import argparse
@@ -240,9 +240,9 @@ def test_a_blend_of_two_members_by_hand(how, weights, want):
 
 
 def test_brute_force_sorts_every_pair_score_and_re_ranking_keeps_its_order():
-    """bench/rerank_ceiling.py: every gallery product scored by the blend, ranked as all
+    """experiments/rerank_ceiling.py: every gallery product scored by the blend, ranked as all
     the pair scores sorted; a raw blend re-ranks any retrieved K in that order."""
-    from bench import rerank_ceiling
+    from experiments import rerank_ceiling
     own = lambda q, p: float((3 * p + q) % 5)           # noqa: E731 (many ties)
     other = lambda q, p: float((p * p + 7 * q) % 11)    # noqa: E731
     blend = dict(scorers=[_pair_scorer(own), _pair_scorer(other)], weights=[0.25, 0.75],

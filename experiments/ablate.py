@@ -11,7 +11,7 @@ model2 with that model3, normalisation chosen as ``run.sh`` chooses it, and that
 whole-gallery Recall@100 on valid (``model3/retrieve.py``). The run's own rows ("preset")
 are read from its logs and prediction files.
 
-    python bench/ablate.py --data DATA --run OUT [--stages model3]
+    python experiments/ablate.py --data DATA --run OUT [--stages model3]
 OUT is a finished ``run.sh`` output folder (its info/, packed/, multilabel/encoder.pt and
 prediction_result/ are reused); every ablation run goes to OUT/ablate/ and a finished one is
 not redone.

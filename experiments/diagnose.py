@@ -10,7 +10,7 @@
    one attribute word (what the candidate lists of the hard world are made of), with the
    published draw and with ``--p-near 0.5``.
 
-    python bench/diagnose.py --data DATA --info runs/info --packed runs/packed \
+    python experiments/diagnose.py --data DATA --info runs/info --packed runs/packed \
         --ckpt runs/multilabel/best.pt
 Word kinds come from the generator's tables, so this reads synthetic worlds only.
 """

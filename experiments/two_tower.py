@@ -7,7 +7,7 @@ learned temperature); pairs of the same query are not each other's negatives. It
 same preprocessed info/ and product store as the stages, and prints valid/testB NDCG@5 and
 its wall time.
 
-    python bench/two_tower.py --data DATA --info runs/info --packed runs/packed
+    python experiments/two_tower.py --data DATA --info runs/info --packed runs/packed
 """
 import argparse
 import json
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--pred-dir", help="also write {valid,test}_pred_two_tower.json here, "
-                                      "for bench/compare.py")
+                                      "for experiments/compare.py")
     return p.parse_args(argv)
 
 

@@ -1,7 +1,7 @@
 """Re-ranking's ceiling: the blend of ensemble.json over every gallery product, against
 model3's retrieval and retrieval + re-ranking, for the same queries.
 
-    python bench/rerank_ceiling.py --ckpt RUN/model3/best.pt \
+    python experiments/rerank_ceiling.py --ckpt RUN/model3/best.pt \
         --ensemble RUN/prediction_result/ensemble.json [--split valid] [--queries 50] \
         [--k 100] [--out DIR] [--member NAME=CKPT ...]
 
@@ -21,8 +21,7 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -31,7 +30,7 @@ import matching  # noqa: E402
 import metric  # noqa: E402
 import runtime  # noqa: E402
 import utils  # noqa: E402
-from common import load, machine  # noqa: E402
+from bench.common import load, machine  # noqa: E402
 from model3 import rerank, retrieve  # noqa: E402
 from model3.model import build_model  # noqa: E402
 

@@ -8,12 +8,12 @@ the two share (an easy query, a hard one) cancels, and the queries are resampled
 replacement (``--resamples`` times, seeded) to give the 95% percentile interval.
 
     # one world
-    python bench/compare.py --answers DATA/testB/testB_answer.json \\
+    python experiments/compare.py --answers DATA/testB/testB_answer.json \\
         runs/prediction_result/submission.csv runs/prediction_result/test_pred_two_tower.json
     # many worlds: one --world per world, each ANSWERS A B; the pooled interval resamples
     # the queries within each world (every world keeps its size), the worlds interval
     # resamples the worlds too
-    python bench/compare.py --world W1/testB_answer.json W1/a.csv W1/b.json \\
+    python experiments/compare.py --world W1/testB_answer.json W1/a.csv W1/b.json \\
                             --world W2/testB_answer.json W2/a.csv W2/b.json
 
 An effect whose interval holds 0 is not an effect: every adopt/reject decision of the

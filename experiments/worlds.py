@@ -3,17 +3,17 @@ not tuned on, how far is it from each world's ceiling, and is its lead more than
 
 For each world (preset:seed:lang, e.g. family:301:zh) it generates the data root if absent,
 runs ``run.sh`` on it once per variant (a name and extra run.sh variables), trains
-``bench/two_tower.py`` on the same preprocessed data, and prints, for one split (testB by
+``experiments/two_tower.py`` on the same preprocessed data, and prints, for one split (testB by
 default): NDCG@5 of random, the oracle (the generator's own relevance model: the ceiling),
 the two-tower, every blend member and the blend; each as a share of the achievable,
-(x - random) / (oracle - random); and paired 95% bootstrap intervals (bench/compare.py) of
+(x - random) / (oracle - random); and paired 95% bootstrap intervals (experiments/compare.py) of
 the blend against the two-tower and against each member, per world and pooled over worlds.
 
-    python bench/worlds.py --worlds family:301:en family:302:zh --out runs/worlds
-    python bench/worlds.py --worlds family:301:en --variant nomodel3 ENSEMBLE_MODELS=multilabel,model1,model2
+    python experiments/worlds.py --worlds family:301:en family:302:zh --out runs/worlds
+    python experiments/worlds.py --worlds family:301:en --variant nomodel3 ENSEMBLE_MODELS=multilabel,model1,model2
 Every run's artefacts stay under OUT/<world>/<variant>/, and run.sh runs with RESUME=1 (a
 stage whose command, inputs and outputs are unchanged is not redone), so an interrupted
-benchmark resumes where it stopped. OUT/table.md and OUT/table.json hold the tables; ``--threads`` sets OMP_NUM_THREADS of every job (1 when worlds run side by side).
+experiment resumes where it stopped. OUT/table.md and OUT/table.json hold the tables; ``--threads`` sets OMP_NUM_THREADS of every job (1 when worlds run side by side).
 """
 import argparse
 import json
@@ -24,8 +24,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, ROOT]
 import compare  # noqa: E402
 import ensemble  # noqa: E402
 from metric import load_answers, load_predictions, ndcg_per_query  # noqa: E402
@@ -60,7 +61,7 @@ def run_two_tower(data, run_out, threads):
     pred = os.path.join(run_out, "prediction_result")
     path = run_out + ".two_tower.json"
     if not os.path.exists(os.path.join(pred, "test_pred_two_tower.json")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "bench", "two_tower.py"),
+        subprocess.run([sys.executable, os.path.join(HERE, "two_tower.py"),
                         "--data", data, "--info", os.path.join(run_out, "info"),
                         "--packed", os.path.join(run_out, "packed"), "--json", path,
                         "--pred-dir", pred], check=True, stdout=subprocess.DEVNULL,
