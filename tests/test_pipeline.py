@@ -155,6 +155,13 @@ def test_resume_redoes_what_changed_and_shows_no_stale_figure(tiny_world, tmp_pa
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["gallery"] == {}
     assert "whole gallery" not in r.stdout
+    # SEARCH=0: every stage before the search skipped, the search's files of the run
+    # before removed with its records, the index too
+    r, ran, skipped = _run_sh(env, RESUME="1", SEARCH="0")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert skipped == stages[:stages.index("retrieval")] and ran[-1].startswith("+ python summary.py")
+    assert _gallery_files(out) == [] and not os.path.exists(os.path.join(out, "index"))
+    assert not os.path.exists(os.path.join(out, ".stages", "retrieval"))
 
 
 def test_run_sh_rejects_an_unknown_store(tmp_path):
