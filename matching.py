@@ -16,7 +16,7 @@ import metric
 import runtime
 import sampler
 import utils
-from multilabel.model import load_export
+from layers import load_export
 
 DEFAULT_EXPORT = os.path.join(utils.ROOT, "runs", "multilabel", "encoder.pt")
 

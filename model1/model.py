@@ -6,7 +6,8 @@ w_i = softmax over the query's words of MLP([gru_i ; head_0(p)]); score = sum_i 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from layers import TextSide
 
 
 PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; tiny: tests
@@ -20,36 +21,6 @@ PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; t
                  epochs=2, p_near=0.5, hidden=32, weight_hidden=32, margin=0.9,
                  group_rows=0),
 }
-
-
-class TextSide(nn.Module):
-    """Word ids -> (frozen word embeddings (B, L, E), GRU states (B, L, H), mask (B, L)).
-
-    ``gru=False`` (uniform word weights, which read no GRU state) builds no GRU and returns
-    None for its states.
-    """
-
-    def __init__(self, word_emb, hidden, gru=True):
-        super().__init__()
-        self.emb = nn.Embedding.from_pretrained(word_emb.clone(), freeze=True, padding_idx=0)
-        if gru:
-            self.norm = nn.LayerNorm(word_emb.shape[1])
-            self.gru = nn.GRU(word_emb.shape[1], hidden, num_layers=2, batch_first=True,
-                              bidirectional=True)
-        self.with_gru = gru
-
-    def forward(self, tokens):
-        e = self.emb(tokens)
-        mask = tokens != 0
-        if not self.with_gru:
-            return e, None, mask
-        # packed, so the backward direction starts at the last word, not at the padding
-        packed = pack_padded_sequence(self.norm(e), mask.sum(1).clamp(min=1).cpu(),
-                                      batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
-        out = out.view(*tokens.shape, 2, -1).mean(2)   # forward and backward averaged
-        return e, out, mask
 
 
 class WordImageMatcher(nn.Module):

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 import text
 from tsv import FEAT_DIM
-from model1.model import TextSide
-from multilabel.model import AttentionPool
+from layers import AttentionPool, TextSide
 
 # the inverse temperature starts at 1 / 0.07 and is clamped to at most 100 (CLIP's values)
 LOG_SCALE_INIT, LOG_SCALE_MAX = math.log(1 / 0.07), math.log(100.0)
@@ -90,7 +89,7 @@ class ImageSide(nn.Module):
 
 class QueryEncoder(nn.Module):
     """The text side alone: query tokens -> (Q, dim) unit vectors. A search builds only
-    this (``model3/query.py``); DualEncoder is one with the image side beside it."""
+    this (``catalogue/query.py``); DualEncoder is one with the image side beside it."""
 
     def __init__(self, word_emb, *, dim=256, text="attn"):
         super().__init__()

@@ -16,7 +16,7 @@ from model1 import model as m1_model
 from model2 import model as m2_model
 from model3 import model as m3_model
 from multilabel import export_model
-from multilabel.model import load_export
+from layers import load_export
 from multilabel.validation import load_pretrainer
 from tsv import DataError
 
@@ -124,7 +124,7 @@ def test_the_pretraining_checkpoint_and_export_record_their_stage(pretrained):
 @pytest.mark.slow
 @pytest.mark.parametrize("script,argv", [
     ("model3/validation.py", ["--split", "valid"]),
-    ("model3/retrieve.py", ["--k", "5"]),
+    ("catalogue/retrieve.py", ["--k", "5"]),
     ("model1/validation.py", []),
 ])
 def test_a_script_given_another_stages_checkpoint_ends_in_one_line(pretrained, tmp_path,

@@ -8,7 +8,7 @@ from model2 import train as m2_train
 from model2.model import SentenceImageMatcher
 from model3 import train as m3_train
 from multilabel import train as ml_train
-from multilabel.model import ENCODER_PRESETS, ImageEncoder
+from layers import ENCODER_PRESETS, ImageEncoder
 
 
 def _parts():

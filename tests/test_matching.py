@@ -4,7 +4,7 @@ import torch
 
 from model1.model import WordImageMatcher, pairwise_loss
 from model2.model import SentenceImageMatcher
-from multilabel.model import ENCODER_PRESETS, ImageEncoder
+from layers import ENCODER_PRESETS, ImageEncoder
 
 CFG = ENCODER_PRESETS["tiny"]
 

@@ -22,7 +22,7 @@ import runtime
 import tsv
 import utils
 from model3 import model as m3_model, train as m3_train, validation as m3_validation
-from multilabel.model import ENCODER_PRESETS, ImageEncoder
+from layers import ENCODER_PRESETS, ImageEncoder
 from test_stages import _common, _log, _torchrun
 
 CFG = ENCODER_PRESETS["tiny"]

@@ -1,6 +1,6 @@
-"""model3/retrieve.py: the exact chunked top K against a full sort (ties, chunk edges), K
+"""catalogue/retrieve.py: the exact chunked top K against a full sort (ties, chunk edges), K
 beyond the gallery, faiss against the exact search, the command's files on the tiny world
-with a stand-in model; re-ranking (model3/rerank.py) with stand-in members: one member
+with a stand-in model; re-ranking (catalogue/rerank.py) with stand-in members: one member
 weighted 1 sorts the K by its own pair scores, a blend computed by hand, the brute force of
 experiments/rerank_ceiling.py, the products read again from the store and the TSVs, the blend's
 file and checkpoints; slow: model3 trained on the tiny world, retrieved end to end, and
@@ -21,7 +21,8 @@ import tsv
 import utils
 from ensemble import HOWS
 from model1 import train as m1_train
-from model3 import rerank, retrieve, train as m3_train
+from catalogue import rerank, retrieve
+from model3 import train as m3_train
 from test_stages import _common
 from tsv import DataError
 

@@ -1,6 +1,6 @@
 """A saved index of the catalogue: its files, its manifest and the checks made on reading.
 
-``model3/index.py`` writes the folder once; ``model3/search.py`` reads it instead of
+``catalogue/index.py`` writes the folder once; ``catalogue/search.py`` reads it instead of
 encoding the catalogue again. The folder (written as one set, ``utils.write_folder``):
 
 - ``index.faiss``: the product vectors in a faiss index (``faiss.write_index``), row i
@@ -125,18 +125,18 @@ class SavedIndex:
                 raise ValueError("format %r, not %r" % (self.manifest.get("format"), FORMAT))
             self.pids = np.load(os.path.join(folder, PIDS))
         except FileNotFoundError as e:
-            raise utils.DataError("%s: not found; build the index with `python model3/index.py "
+            raise utils.DataError("%s: not found; build the index with `python catalogue/index.py "
                                   "--ckpt CKPT --out %s`" % (e.filename, folder)) from None
         except (ValueError, OSError) as e:
             raise utils.DataError("%s: not a saved index (%s); build it again with "
-                                  "model3/index.py" % (folder, e)) from None
+                                  "catalogue/index.py" % (folder, e)) from None
         if ids_sha256(self.pids) != self.manifest["catalogue"]["sha256"]:
             raise utils.DataError("%s: pids.npy is not the catalogue its manifest names (files "
-                                  "of two builds?); build it again with model3/index.py" % folder)
+                                  "of two builds?); build it again with catalogue/index.py" % folder)
         self.index = import_faiss().read_index(os.path.join(folder, INDEX))
         if self.index.ntotal != len(self.pids):
             raise utils.DataError("%s: index.faiss holds %d vectors, pids.npy %d products; build "
-                                  "it again with model3/index.py"
+                                  "it again with catalogue/index.py"
                                   % (folder, self.index.ntotal, len(self.pids)))
         self._products = None
 
@@ -147,7 +147,7 @@ class SavedIndex:
             raise utils.DataError(
                 "%s was built from another checkpoint (%s, sha256 %s...) than %s: its product "
                 "vectors would not match this model's queries; build it again with "
-                "`python model3/index.py --ckpt %s --out %s`"
+                "`python catalogue/index.py --ckpt %s --out %s`"
                 % (self.folder, built["path"], built["sha256"][:12], path, path, self.folder))
 
     def check_catalogue(self, data):
@@ -158,7 +158,7 @@ class SavedIndex:
         if ids_sha256(ids) != self.manifest["catalogue"]["sha256"]:
             raise utils.DataError(
                 "%s was built from another catalogue (%s: %d products) than %s (%d products); "
-                "build it again with `python model3/index.py --data %s`"
+                "build it again with `python catalogue/index.py --data %s`"
                 % (self.folder, self.manifest["catalogue"]["data"], len(self.pids), data,
                    len(ids), data))
 

@@ -1,5 +1,5 @@
 """The query side of model3 alone: what a search of a saved index needs, without the image
-side or the training machinery (``model3/search.py`` imports little more than this, torch
+side or the training machinery (``catalogue/search.py`` imports little more than this, torch
 and faiss).
 
 ``load_query_encoder`` reads a model3 checkpoint and its export and builds only the text

@@ -1,6 +1,6 @@
 """Full-gallery retrieval with model3: every query against every product of the data root.
 
-    python model3/retrieve.py --ckpt runs/model3/best.pt --split valid --split testB \
+    python catalogue/retrieve.py --ckpt runs/model3/best.pt --split valid --split testB \
         --k 100 --out runs/retrieval [--data DATA] [--index exact|faiss|hnsw] \
         [--rerank runs/prediction_result/ensemble.json [--member NAME=CKPT ...]]
 
@@ -17,7 +17,7 @@ OUT/valid_gallery_model3.json and OUT/test_gallery_model3.json (testB),
 OUT/gallery_metrics.json ({split: {metric: value}}). The files of one run are one set: those
 of an earlier run that this one does not write (another split, no --rerank, no gallery
 answers) are removed. With ``--rerank ENSEMBLE_JSON``, each
-query's K are then re-ranked by the blend ensemble.py recorded (``model3/rerank.py``) and
+query's K are then re-ranked by the blend ensemble.py recorded (``catalogue/rerank.py``) and
 written to OUT/{valid,test}_gallery_rerank.json, the metrics printed beside retrieval's.
 docs/retrieval.md.
 """
@@ -40,9 +40,9 @@ import metric  # noqa: E402
 import runtime  # noqa: E402
 import tsv  # noqa: E402
 import utils  # noqa: E402
-from model3 import rerank  # noqa: E402
+from catalogue import rerank  # noqa: E402
 from model3.model import build_model  # noqa: E402
-from model3.query import check_k, encode_texts  # noqa: E402
+from catalogue.query import check_k, encode_texts  # noqa: E402
 
 CANDIDATE_SPLITS = ("valid", "testA", "testB")
 RECALL_AT = (10, 100)

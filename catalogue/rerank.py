@@ -5,7 +5,7 @@ any (query, product) pair: model1 to model4 (``matching.score_split``) and the
 pretraining score (``multilabel``, ``rank_split``). The scores are normalised per query with
 the blend's normalisation and mixed with its weights (``ensemble.blend_members``), a chunk
 of queries at a time: only that chunk's products have their regions in memory.
-``model3/retrieve.py --rerank`` runs it; docs/retrieval.md.
+``catalogue/retrieve.py --rerank`` runs it; docs/retrieval.md.
 """
 import json
 import os
