@@ -1,7 +1,8 @@
 """The training loop every stage shares: flags, DDP, AMP, checkpoints, resume, logs.
 
 A stage's ``main`` creates the process group (``runtime.Dist``) and hands ``fit`` a model
-whose ``forward(**batch)`` returns ``(loss, {name: tensor})``, its parameter groups, a
+whose ``forward`` takes the batch keys it reads by name (``utils.BATCH_KEYS``) and returns
+``(loss, {name: tensor})``, its parameter groups, a
 dataset with ``set_epoch``, a collate, and on rank 0 optionally an
 ``evaluate(model) -> {metric: float}`` run after each epoch.
 """
@@ -45,6 +46,8 @@ def core_parser(description, presets):
                    default=2, help="DataLoader workers per process")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip, count and list bad rows of the evaluation split")
+    g.add_argument("--eval-split", default="valid", help="split ranked after each epoch")
+    g.add_argument("--no-eval", action="store_true", help="skip the per-epoch validation")
     g = p.add_argument_group("training")
     g.add_argument("--out", required=True, help="checkpoint and log folder")
     g.add_argument("--preset", default="small", choices=sorted(presets))
@@ -150,8 +153,9 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
-def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch):
-    """One pass over ``loader`` -> {loss and each part: mean over the steps and the ranks,
+def train_one_epoch(model, loader, opt, *, keys, dist, args, amp_dtype, scaler, epoch):
+    """One pass over ``loader``, ``model`` reading the ``keys`` of each batch
+    (``utils.forward_keys``) -> {loss and each part: mean over the steps and the ranks,
     samples_per_s}. The sums stay on the device: reading a value back waits for the GPU,
     so the loop does it every PROGRESS_EVERY steps and at the end of the epoch, where it
     checks that no loss and no parameter is NaN or infinite (``check_finite``)."""
@@ -169,7 +173,7 @@ def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch)
         batch = to_device(utils.unflatten(batch, dist.device), dist.device)
         with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
-            loss, parts = model(**batch)
+            loss, parts = model(**utils.batch_inputs(batch, keys))
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -234,7 +238,7 @@ def fit(args, model, dataset, *, stage, dist, groups, collate, evaluate=None, ex
 
     ``dist`` is the process group's ``runtime.Dist`` (the stage's main creates and closes it);
     ``groups`` the optimizer's parameter groups, decayed by ``args.gamma`` per epoch;
-    ``collate`` turns a list of ``dataset`` items into the batch ``model(**batch)`` reads,
+    ``collate`` turns a list of ``dataset`` items into the batch ``model`` reads,
     or into a flat batch that ``utils.unflatten`` pads on the training device; ``evaluate``
     (rank 0 only) returns {metric: float} after each epoch, and best.pt keeps the epoch of
     the highest ``BEST_METRIC``; ``extra_state`` must match on resume; ``batches``, a batch
@@ -279,12 +283,13 @@ def fit(args, model, dataset, *, stage, dist, groups, collate, evaluate=None, ex
                         pin_memory=dist.device.type == "cuda",
                         persistent_workers=False)
     amp_dtype, scaler = amp_setup(args.amp, dist.device)
+    keys = utils.forward_keys(model.forward)
     for epoch in range(start, args.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         t0 = time.time()
         with dist.watch():
-            stats = train_one_epoch(ddp, loader, opt, dist=dist, args=args,
+            stats = train_one_epoch(ddp, loader, opt, keys=keys, dist=dist, args=args,
                                     amp_dtype=amp_dtype, scaler=scaler, epoch=epoch)
         sched.step()
         stats.update(epoch=epoch, time_s=round(time.time() - t0, 2),
@@ -362,6 +367,10 @@ def check_compatible(ck, args, extra_state=None, world=1):
     must the vocabulary and encoder config (same-sized vocabularies would otherwise load
     silently into the wrong words)."""
     now = plain_args(args)
+    newer = sorted(k for k in now if k not in ck.get("args", {}) and k not in MAY_CHANGE)
+    if newer:
+        raise utils.DataError("checkpoint records no --%s: written by an older version of this "
+                              "project; start a fresh --out" % newer[0].replace("_", "-"))
     changed = []
     for k, was in sorted(ck.get("args", {}).items()):
         if k in MAY_CHANGE or k not in now:

@@ -7,8 +7,6 @@ side (``model3.model.QueryEncoder``); ``encode_texts`` turns query texts into th
 ``retrieve.py`` searches with; ``split_known`` tells the words the vocabulary knows from
 those it does not.
 """
-import argparse
-
 import torch
 
 import runtime
@@ -22,7 +20,7 @@ def load_query_encoder(ckpt_path, export=None):
     vocab, ck): the text layers from the checkpoint, the frozen word embeddings from the
     export (``export`` or the checkpoint's), the export's image encoder never built."""
     ck = runtime.load_checkpoint(ckpt_path)
-    args = argparse.Namespace(**ck["args"])
+    args = runtime.saved_args(ck, ckpt_path)
     export = export or args.export
     ex = runtime.load_checkpoint(export)
     if "word_emb" not in ex or "vocab" not in ex:

@@ -13,13 +13,13 @@ from layers import TextSide
 PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; tiny: tests
     "paper": dict(batch_size=130, lr_text=1e-4, lr_image=5e-6, weight_decay=1e-6, gamma=0.95,
                   epochs=5, p_near=0.0, hidden=256, weight_hidden=512, margin=0.9,
-                  group_rows=0),
+                  group_rows=0, uniform_weights=0, tune_trunk=0),
     "small": dict(batch_size=64, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
                   epochs=4, p_near=0.5, hidden=128, weight_hidden=128, margin=0.9,
-                  group_rows=0),
+                  group_rows=0, uniform_weights=0, tune_trunk=0),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
                  epochs=2, p_near=0.5, hidden=32, weight_hidden=32, margin=0.9,
-                 group_rows=0),
+                 group_rows=0, uniform_weights=0, tune_trunk=0),
 }
 
 
@@ -95,7 +95,7 @@ class WordImageMatcher(nn.Module):
         return out
 
     def forward(self, q_tokens, qi, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats,
-                n_mask, **_):
+                n_mask):
         heads = self.encode_image(p_boxes, p_feats, p_mask)
         n_heads = self.encode_image(n_boxes, n_feats, n_mask)
         text, n_text = self.encode_text(q_tokens), self.encode_text(nq_tokens)
@@ -124,5 +124,5 @@ def build_model(encoder, word_emb, args):
     """The matcher the options (of train.py, or a checkpoint's) name, on the exported
     encoder and word embeddings (V, E)."""
     return WordImageMatcher(encoder, word_emb, hidden=args.hidden, weight_hidden=args.weight_hidden,
-                            uniform_weights=getattr(args, "uniform_weights", False),
-                            margin=args.margin, tune_trunk=bool(getattr(args, "lr_trunk", None)))
+                            uniform_weights=bool(args.uniform_weights), margin=args.margin,
+                            tune_trunk=bool(args.tune_trunk))

@@ -37,13 +37,13 @@ LOG_SCALE_INIT, LOG_SCALE_MAX = math.log(1 / 0.07), math.log(100.0)
 PRESETS = {
     "paper": dict(batch_size=130, lr_text=1e-4, lr_image=1e-4, lr_trunk=5e-6,
                   weight_decay=1e-6, gamma=0.95, epochs=5, p_near=0.0, dim=1024,
-                  freeze_trunk=1, pool="attn", text="attn", group_rows=0, raw_path=0),
+                  tune_trunk=0, pool="attn", text="attn", group_rows=0, raw_path=0),
     "small": dict(batch_size=128, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
                   weight_decay=1e-6, gamma=0.9, epochs=5, p_near=0.5, dim=256,
-                  freeze_trunk=1, pool="attn", text="gru", group_rows=8, raw_path=0),
+                  tune_trunk=0, pool="attn", text="gru", group_rows=8, raw_path=0),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
                  weight_decay=1e-6, gamma=0.95, epochs=2, p_near=0.5, dim=32,
-                 freeze_trunk=1, pool="attn", text="gru", group_rows=4, raw_path=0),
+                 tune_trunk=0, pool="attn", text="gru", group_rows=4, raw_path=0),
 }
 
 
@@ -150,7 +150,7 @@ class DualEncoder(QueryEncoder):
         return (text[pairs[:, 0]] * image[pairs[:, 1]]).sum(1)
 
     def forward(self, q_tokens, qi, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats,
-                n_mask, **_):
+                n_mask):
         text, image = self.encode_queries(q_tokens), self.encode_image(p_boxes, p_feats, p_mask)
         neg_text = self.encode_queries(nq_tokens)
         neg_image = self.encode_image(n_boxes, n_feats, n_mask)
@@ -219,4 +219,4 @@ def build_model(encoder, word_emb, args):
     """The dual encoder the options (of train.py, or a checkpoint's) name, on the exported
     encoder and word embeddings (V, E)."""
     return DualEncoder(encoder, word_emb, dim=args.dim, pool=args.pool, text=args.text,
-                       tune_trunk=not args.freeze_trunk, raw_path=bool(args.raw_path))
+                       tune_trunk=bool(args.tune_trunk), raw_path=bool(args.raw_path))

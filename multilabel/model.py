@@ -90,7 +90,7 @@ class Pretrainer(nn.Module):
         ignore[:n_special] = True
         self.register_buffer("ignore", ignore, persistent=False)
 
-    def forward(self, p_boxes, p_feats, p_mask, q_tokens, caption_in, caption_out, **_):
+    def forward(self, p_boxes, p_feats, p_mask, q_tokens, caption_in, caption_out):
         """q_tokens (B, L) word ids (0-padded) are the labels; caption_in/out (B, L + 1)
         are the query with <bos> prepended / <eos> appended -> (loss, {name: tensor})."""
         heads = self.encoder(p_boxes, p_feats, p_mask)

@@ -12,11 +12,11 @@ import torch
 import matching
 import runtime
 import utils
+from layers import load_export
 from model1 import model as m1_model
 from model2 import model as m2_model
 from model3 import model as m3_model
 from multilabel import export_model
-from layers import load_export
 from multilabel.validation import load_pretrainer
 from tsv import DataError
 

@@ -21,8 +21,8 @@ import metric
 import runtime
 import tsv
 import utils
-from model3 import model as m3_model, train as m3_train, validation as m3_validation
 from layers import ENCODER_PRESETS, ImageEncoder
+from model3 import model as m3_model, train as m3_train, validation as m3_validation
 from test_stages import _common, _log, _torchrun
 
 CFG = ENCODER_PRESETS["tiny"]
@@ -229,7 +229,7 @@ def test_raw_path_starts_at_zero_and_trains_at_the_image_rate():
 def test_parameter_groups(freeze):
     """box embedding, pooling and projection at lr_image; text side and temperature at
     lr_text; the trunk at lr_trunk only when tuned."""
-    m, a = _model(freeze_trunk=freeze)
+    m, a = _model(tune_trunk=1 - freeze)
     opt, _ = engine.make_optimizer(matching.param_groups(m, a), a.gamma)
     names = {id(p): n for n, p in m.named_parameters()}
     groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
@@ -246,12 +246,12 @@ def test_presets_pinned():
         return engine.apply_preset(m3_train.parse_args(["--out", "o", "--preset", preset]),
                                    m3_train.PRESETS)
     keys = ("batch_size", "lr_text", "lr_image", "lr_trunk", "weight_decay", "gamma", "epochs",
-            "p_near", "dim", "freeze_trunk", "pool", "text", "group_rows", "group_share",
+            "p_near", "dim", "tune_trunk", "pool", "text", "group_rows", "group_share",
             "raw_path")
     assert {p: tuple(getattr(args(p), k) for k in keys) for p in ("paper", "small", "tiny")} == {
-        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 1024, 1, "attn", "attn", 0, 1.0, 0),
-        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 5, 0.5, 256, 1, "attn", "gru", 8, 1.0, 0),
-        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 32, 1, "attn", "gru", 4, 1.0, 0)}
+        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 1024, 0, "attn", "attn", 0, 1.0, 0),
+        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 5, 0.5, 256, 0, "attn", "gru", 8, 1.0, 0),
+        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 32, 0, "attn", "gru", 4, 1.0, 0)}
     a = args("paper")
     with torch.device("meta"):
         m = m3_model.build_model(ImageEncoder(ENCODER_PRESETS["paper"]), torch.empty(100, 1024), a)
@@ -297,7 +297,7 @@ def test_fine_tuned_trunk_is_stored_and_loads(pretrained, tiny_world, tmp_path):
     export = os.path.join(pretrained, "encoder.pt")
     out = str(tmp_path / "tuned")
     m3_train.main(_common(tiny_world, out, epochs=1) + ["--export", export, "--no-eval",
-                                                        "--freeze-trunk", "0"])
+                                                        "--tune-trunk", "1"])
     ck = runtime.load_checkpoint(os.path.join(out, "last.pt"))
     assert any(k.startswith("encoder.trunk.") for k in ck["model"])
     model, vocab, _ = matching.load_trained(m3_model.build_model, os.path.join(out, "last.pt"))

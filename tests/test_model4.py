@@ -21,8 +21,8 @@ import sampler
 import tsv
 import utils
 from catalogue import rerank
-from model4 import model as m4_model, train as m4_train, validation as m4_validation
 from layers import ENCODER_PRESETS, ImageEncoder
+from model4 import model as m4_model, train as m4_train, validation as m4_validation
 from test_stages import _common, _log, _params
 
 CFG = ENCODER_PRESETS["tiny"]

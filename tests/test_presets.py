@@ -84,7 +84,7 @@ def _tiny(stage, **options):
 def test_parameter_groups(stage, lr_trunk):
     """image (pooling + output MLP) at lr_image, the trainable rest at lr_text, the trunk at
     lr_trunk only when tuned; the frozen word embeddings in no group of the optimizer."""
-    model, a = _tiny(stage, lr_trunk=lr_trunk)
+    model, a = _tiny(stage, lr_trunk=lr_trunk, tune_trunk=int(bool(lr_trunk)))
     opt, _ = engine.make_optimizer(matching.param_groups(model, a), a.gamma)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]

@@ -31,8 +31,8 @@ import synthetic
 import tsv
 import runtime
 import utils
-from multilabel import export_model, train as ml_train, validation as ml_validation
 from layers import load_export
+from multilabel import export_model, train as ml_train, validation as ml_validation
 from model1 import model as m1_model, train as m1_train
 from model2 import model as m2_model, train as m2_train, validation as m2_validation
 from rows import make_row, write_tsv

@@ -13,8 +13,8 @@ import metric
 import tsv
 import runtime
 import utils
-from multilabel import train as ml_train, validation as ml_validation
 from layers import load_export
+from multilabel import train as ml_train, validation as ml_validation
 from model1 import train as m1_train, validation as m1_validation
 from model2 import model as m2_model, train as m2_train, validation as m2_validation
 
