@@ -22,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import runtime
 import utils
+from errors import DataError
 
 log = logging.getLogger("kddmm")
 BEST_METRIC = "valid_ndcg5"  # what an evaluator returns and best.pt maximises
@@ -113,9 +114,9 @@ def load_trainable(model, state, path):
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     missing = [k for k in missing if k not in frozen]
     if missing or unexpected:
-        raise utils.DataError("%s does not fit this model: missing %s, unexpected %s (another "
-                              "model option or code version?)"
-                              % (path, _first(missing), _first(unexpected)))
+        raise DataError("%s does not fit this model: missing %s, unexpected %s (another "
+                        "model option or code version?)"
+                        % (path, _first(missing), _first(unexpected)))
 
 
 def _first(keys, n=5):
@@ -222,7 +223,7 @@ def check_finite(first_bad, mean_loss, recent, *, epoch, model=None):
     if what is not None:
         products = [pids for s, pids in recent if s == step]
         pids = sorted({int(p) for t in (products[0] if products else []) for p in t})
-        raise utils.DataError(
+        raise DataError(
             "epoch %d, step %d: %s; the batch's products: %s%s. Check their features "
             "(prepare.py range-checks them), or lower --lr" % (
                 epoch, step, what, pids[:20] or "(not recorded)",
@@ -254,8 +255,8 @@ def fit(args, model, dataset, *, stage, dist, groups, collate, evaluate=None, ex
     # a job that torchrun restarted after a failure resumes by itself (--max-restarts)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     if args.resume and not os.path.exists(last):
-        raise utils.DataError("%s: not found; --resume continues a run from its last "
-                              "checkpoint (leave --resume out to start one)" % last)
+        raise DataError("%s: not found; --resume continues a run from its last "
+                        "checkpoint (leave --resume out to start one)" % last)
     if (args.resume or restarted) and os.path.exists(last):
         ck = runtime.load_checkpoint(last, stage)
         check_compatible(ck, args, extra_state, world=dist.world)
@@ -369,8 +370,8 @@ def check_compatible(ck, args, extra_state=None, world=1):
     now = plain_args(args)
     newer = sorted(k for k in now if k not in ck.get("args", {}) and k not in MAY_CHANGE)
     if newer:
-        raise utils.DataError("checkpoint records no --%s: written by an older version of this "
-                              "project; start a fresh --out" % newer[0].replace("_", "-"))
+        raise DataError("checkpoint records no --%s: written by an older version of this "
+                        "project; start a fresh --out" % newer[0].replace("_", "-"))
     changed = []
     for k, was in sorted(ck.get("args", {}).items()):
         if k in MAY_CHANGE or k not in now:
@@ -382,15 +383,15 @@ def check_compatible(ck, args, extra_state=None, world=1):
     if ck.get("world", world) != world:
         changed.append("%d processes (this run: %d)" % (ck["world"], world))
     if changed:
-        raise utils.DataError("checkpoint was trained with %s; resume with the same settings "
-                              "(only %s may change) or start a fresh --out"
-                              % (", ".join(changed), ", ".join(
-                                  "--" + k.replace("_", "-") for k in sorted(MAY_CHANGE)
-                                  if k not in ("resume", "local_rank"))))
+        raise DataError("checkpoint was trained with %s; resume with the same settings "
+                        "(only %s may change) or start a fresh --out"
+                        % (", ".join(changed), ", ".join(
+                            "--" + k.replace("_", "-") for k in sorted(MAY_CHANGE)
+                            if k not in ("resume", "local_rank"))))
     for k, v in (extra_state or {}).items():
         if k in ck and ck[k] != v:
-            raise utils.DataError("checkpoint has another %s than this run (another info/ or "
-                                  "export?); start a fresh --out" % k)
+            raise DataError("checkpoint has another %s than this run (another info/ or "
+                            "export?); start a fresh --out" % k)
 
 
 @torch.no_grad()
@@ -411,9 +412,9 @@ def eval_paths(data, split):
     required: without them best.pt would silently be the last epoch."""
     tsv, ans = split_tsv(data, split), split_paths(data, split)[1]
     if ans is None:
-        raise utils.DataError("%s: not found; the per-epoch evaluation needs the answers of "
-                              "the %s split (pass --no-eval to train without it)"
-                              % (os.path.join(data, split, split + "_answer.json"), split))
+        raise DataError("%s: not found; the per-epoch evaluation needs the answers of "
+                        "the %s split (pass --no-eval to train without it)"
+                        % (os.path.join(data, split, split + "_answer.json"), split))
     return tsv, ans
 
 

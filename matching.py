@@ -15,6 +15,7 @@ import engine
 import metric
 import runtime
 import utils
+from errors import DataError
 from layers import load_export
 
 DEFAULT_EXPORT = os.path.join(utils.ROOT, "runs", "multilabel", "encoder.pt")
@@ -61,11 +62,11 @@ def apply_preset(args, presets):
     lr_trunk_given = args.lr_trunk is not None
     args = engine.apply_preset(args, presets)
     if lr_trunk_given and not args.tune_trunk:
-        raise utils.DataError("--lr-trunk %g: the trunk is frozen (--tune-trunk 0, preset %s); "
-                              "add --tune-trunk 1 to fine-tune it" % (args.lr_trunk, args.preset))
+        raise DataError("--lr-trunk %g: the trunk is frozen (--tune-trunk 0, preset %s); "
+                        "add --tune-trunk 1 to fine-tune it" % (args.lr_trunk, args.preset))
     if args.tune_trunk and args.lr_trunk is None:
-        raise utils.DataError("--tune-trunk 1: preset %s gives the trunk no learning rate; "
-                              "add --lr-trunk LR" % args.preset)
+        raise DataError("--tune-trunk 1: preset %s gives the trunk no learning rate; "
+                        "add --lr-trunk LR" % args.preset)
     return args
 
 
@@ -74,9 +75,9 @@ def load_pretrained(export, vocab=None, info=None):
     pretrained on another vocabulary than ``vocab`` (that of the ``info`` folder)."""
     encoder, word_emb, ex_vocab, _ = load_export(export)
     if vocab is not None and ex_vocab.itos != vocab.itos:
-        raise utils.DataError("%s was pretrained with another vocabulary (%d words) than %s "
-                              "(%d words): rerun pretraining on this info/"
-                              % (export, len(ex_vocab), info, len(vocab)))
+        raise DataError("%s was pretrained with another vocabulary (%d words) than %s "
+                        "(%d words): rerun pretraining on this info/"
+                        % (export, len(ex_vocab), info, len(vocab)))
     return encoder, word_emb, ex_vocab
 
 
@@ -139,8 +140,8 @@ def load_trained(build_model, ckpt_path, export=None):
     encoder, word_emb, vocab = load_pretrained(args.export)
     model = build_model(encoder, word_emb, args)
     if "vocab" in ck and ck["vocab"] != vocab.itos:
-        raise utils.DataError("%s was trained on another vocabulary than its export %s: "
-                              "retrain it on this export" % (ckpt_path, args.export))
+        raise DataError("%s was trained on another vocabulary than its export %s: "
+                        "retrain it on this export" % (ckpt_path, args.export))
     engine.load_trainable(model, ck["model"], "%s (preset %s)" % (ckpt_path, args.preset))
     return model, vocab, ck
 

@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from tsv import DataError
+from errors import DataError
 from utils import atomic_open
 
 

@@ -21,8 +21,9 @@ import zlib
 
 import numpy as np
 
+from errors import DataError
 from text import BOS, EOS, PAD, Vocab, tokenize
-from tsv import FEAT_DIM, DataError, read_candidates
+from tsv import FEAT_DIM, read_candidates
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("kddmm")

@@ -28,6 +28,7 @@ import matching  # noqa: E402
 import runtime  # noqa: E402
 import utils  # noqa: E402
 from catalogue import rerank, retrieve, saved_index  # noqa: E402
+from errors import DataError  # noqa: E402
 from model3.model import build_model  # noqa: E402
 
 
@@ -77,9 +78,9 @@ def main(argv=None):
     model.to(device).eval()
     data, info = a.data or ck["args"]["data"], a.info or ck["args"]["info"]
     if retrieve.train_from_tsv(a, ck["args"]):
-        raise utils.DataError("--data %s: the index holds the catalogue of the checkpoint's "
-                              "world (%s), whose train queries it shows; leave --data out"
-                              % (a.data, ck["args"]["data"]))
+        raise DataError("--data %s: the index holds the catalogue of the checkpoint's "
+                        "world (%s), whose train queries it shows; leave --data out"
+                        % (a.data, ck["args"]["data"]))
     gallery, lines = retrieve.gallery_splits(a, data), {}
     sources = retrieve.product_sources(a, ck["args"], gallery, lines)
     pids, vectors = retrieve.encode_gallery(

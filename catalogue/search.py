@@ -27,8 +27,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import runtime  # noqa: E402
-import utils  # noqa: E402
 from catalogue import query, saved_index  # noqa: E402
+from errors import DataError  # noqa: E402
 
 SHOWN_QUERIES = 3  # train queries printed per product (--json gives them all)
 
@@ -39,9 +39,9 @@ def read_queries(path):
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
-        raise utils.DataError("%s: not found" % path) from None
+        raise DataError("%s: not found" % path) from None
     except UnicodeDecodeError as e:
-        raise utils.DataError("%s: not UTF-8 (%s)" % (path, e.reason)) from None
+        raise DataError("%s: not UTF-8 (%s)" % (path, e.reason)) from None
     return [t.strip() for t in lines if t.strip()]
 
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
+from errors import DataError
 from tsv import N_CLASSES
 
 MAX_WORDS = 32      # words a query keeps (its position embeddings); the rest are dropped
@@ -166,8 +167,8 @@ class CrossEncoder(nn.Module):
         if streams not in (1, 2):
             raise ValueError("streams must be 1 or 2, got %r" % (streams,))
         if streams == 2 and cross_layers < 1:
-            raise utils.DataError("two streams meet in the cross layers: --cross-layers must "
-                                  "be >= 1, got %r" % (cross_layers,))
+            raise DataError("two streams meet in the cross layers: --cross-layers must "
+                            "be >= 1, got %r" % (cross_layers,))
         d = d_model
         self.encoder = RegionEmbedding(encoder, d, dropout, tune_trunk=tune_trunk,
                                        heads=word_match)

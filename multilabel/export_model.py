@@ -14,7 +14,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import runtime  # noqa: E402
-from tsv import DataError  # noqa: E402
+from errors import DataError  # noqa: E402
 from layers import ImageEncoder, load_export  # noqa: E402
 
 

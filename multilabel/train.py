@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import engine  # noqa: E402
 import runtime  # noqa: E402
 import utils  # noqa: E402
+from errors import DataError  # noqa: E402
 from layers import ENCODER_PRESETS  # noqa: E402
 from multilabel.model import PRESETS, build_model  # noqa: E402
 from multilabel.validation import make_evaluator  # noqa: E402
@@ -59,8 +60,8 @@ def load_word_vectors(path, vocab, dim):
                 continue  # word2vec header "count dim"
             if parts[0] in vocab.stoi:
                 if len(parts) - 1 != dim:
-                    raise utils.DataError("%s:%d: %d values, the preset needs %d"
-                                          % (path, i, len(parts) - 1, dim))
+                    raise DataError("%s:%d: %d values, the preset needs %d"
+                                    % (path, i, len(parts) - 1, dim))
                 found[vocab.stoi[parts[0]]] = np.asarray(parts[1:], np.float32)
     return found
 
