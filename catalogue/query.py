@@ -31,7 +31,7 @@ def load_query_encoder(ckpt_path, export=None):
     if "vocab" in ck and ck["vocab"] != vocab.itos:
         raise DataError("%s was trained on another vocabulary than its export %s: "
                         "retrain it on this export" % (ckpt_path, export))
-    model = QueryEncoder(ex["word_emb"], dim=args.dim, text=args.text)
+    model = QueryEncoder(ex["word_emb"], dim=args.dim, text_kind=args.text)
     state = model.state_dict()
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     missing = sorted(k for k in state if k not in frozen and k not in ck["model"])

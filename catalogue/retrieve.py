@@ -174,7 +174,7 @@ def encode_gallery(model, rows, batch_size=256, sort_window=16):
         for s in range(0, len(window), batch_size):
             part = window[s:s + batch_size]
             boxes, feats, mask = utils.pad_regions([(b, f) for _, b, f in part])
-            vecs.append(model.encode_images(dict(boxes=boxes, feats=feats, mask=mask))
+            vecs.append(model.encode_product_batch(dict(boxes=boxes, feats=feats, mask=mask))
                         .float().cpu())
             pids.extend(p for p, _, _ in part)
         window.clear()

@@ -746,8 +746,8 @@ def test_data_builds_the_whole_gallery_from_its_own_root(tiny_world, tmp_path, m
     rows = _rows_of(other, ["train", "valid", "testA", "testB"])
     pids = sorted(rows)
     with torch.no_grad():
-        vecs = torch.cat([model.encode_images(dict(zip(("boxes", "feats", "mask"),
-                                                       utils.pad_regions([rows[p]]))))
+        vecs = torch.cat([model.encode_product_batch(dict(zip(("boxes", "feats", "mask"),
+                                                              utils.pad_regions([rows[p]]))))
                           for p in pids])
     cands = tsv.read_candidates(os.path.join(other, "valid", "valid.tsv"), with_arrays=False)
     got = metric.load_predictions(os.path.join(out, "valid_gallery_model3.json"))
