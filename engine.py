@@ -1,7 +1,8 @@
 """The training loop every stage shares: flags, DDP, AMP, checkpoints, resume, logs.
 
 A stage's ``main`` creates the process group (``runtime.Dist``) and hands ``fit`` a model
-whose ``forward(**batch)`` returns ``(loss, {name: tensor})``, its parameter groups, a
+whose ``forward`` takes the batch keys it reads by name (``utils.BATCH_KEYS``) and returns
+``(loss, {name: tensor})``, its parameter groups, a
 dataset with ``set_epoch``, a collate, and on rank 0 optionally an
 ``evaluate(model) -> {metric: float}`` run after each epoch.
 """
@@ -21,6 +22,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import runtime
 import utils
+from errors import DataError
 
 log = logging.getLogger("kddmm")
 BEST_METRIC = "valid_ndcg5"  # what an evaluator returns and best.pt maximises
@@ -45,6 +47,8 @@ def core_parser(description, presets):
                    default=2, help="DataLoader workers per process")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip, count and list bad rows of the evaluation split")
+    g.add_argument("--eval-split", default="valid", help="split ranked after each epoch")
+    g.add_argument("--no-eval", action="store_true", help="skip the per-epoch validation")
     g = p.add_argument_group("training")
     g.add_argument("--out", required=True, help="checkpoint and log folder")
     g.add_argument("--preset", default="small", choices=sorted(presets))
@@ -110,9 +114,9 @@ def load_trainable(model, state, path):
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     missing = [k for k in missing if k not in frozen]
     if missing or unexpected:
-        raise utils.DataError("%s does not fit this model: missing %s, unexpected %s (another "
-                              "model option or code version?)"
-                              % (path, _first(missing), _first(unexpected)))
+        raise DataError("%s does not fit this model: missing %s, unexpected %s (another "
+                        "model option or code version?)"
+                        % (path, _first(missing), _first(unexpected)))
 
 
 def _first(keys, n=5):
@@ -150,8 +154,9 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 
-def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch):
-    """One pass over ``loader`` -> {loss and each part: mean over the steps and the ranks,
+def train_one_epoch(model, loader, opt, *, keys, dist, args, amp_dtype, scaler, epoch):
+    """One pass over ``loader``, ``model`` reading the ``keys`` of each batch
+    (``utils.forward_keys``) -> {loss and each part: mean over the steps and the ranks,
     samples_per_s}. The sums stay on the device: reading a value back waits for the GPU,
     so the loop does it every PROGRESS_EVERY steps and at the end of the epoch, where it
     checks that no loss and no parameter is NaN or infinite (``check_finite``)."""
@@ -169,7 +174,7 @@ def train_one_epoch(model, loader, opt, *, dist, args, amp_dtype, scaler, epoch)
         batch = to_device(utils.unflatten(batch, dist.device), dist.device)
         with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):
-            loss, parts = model(**batch)
+            loss, parts = model(**utils.batch_inputs(batch, keys))
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -218,7 +223,7 @@ def check_finite(first_bad, mean_loss, recent, *, epoch, model=None):
     if what is not None:
         products = [pids for s, pids in recent if s == step]
         pids = sorted({int(p) for t in (products[0] if products else []) for p in t})
-        raise utils.DataError(
+        raise DataError(
             "epoch %d, step %d: %s; the batch's products: %s%s. Check their features "
             "(prepare.py range-checks them), or lower --lr" % (
                 epoch, step, what, pids[:20] or "(not recorded)",
@@ -234,7 +239,7 @@ def fit(args, model, dataset, *, stage, dist, groups, collate, evaluate=None, ex
 
     ``dist`` is the process group's ``runtime.Dist`` (the stage's main creates and closes it);
     ``groups`` the optimizer's parameter groups, decayed by ``args.gamma`` per epoch;
-    ``collate`` turns a list of ``dataset`` items into the batch ``model(**batch)`` reads,
+    ``collate`` turns a list of ``dataset`` items into the batch ``model`` reads,
     or into a flat batch that ``utils.unflatten`` pads on the training device; ``evaluate``
     (rank 0 only) returns {metric: float} after each epoch, and best.pt keeps the epoch of
     the highest ``BEST_METRIC``; ``extra_state`` must match on resume; ``batches``, a batch
@@ -250,8 +255,8 @@ def fit(args, model, dataset, *, stage, dist, groups, collate, evaluate=None, ex
     # a job that torchrun restarted after a failure resumes by itself (--max-restarts)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
     if args.resume and not os.path.exists(last):
-        raise utils.DataError("%s: not found; --resume continues a run from its last "
-                              "checkpoint (leave --resume out to start one)" % last)
+        raise DataError("%s: not found; --resume continues a run from its last "
+                        "checkpoint (leave --resume out to start one)" % last)
     if (args.resume or restarted) and os.path.exists(last):
         ck = runtime.load_checkpoint(last, stage)
         check_compatible(ck, args, extra_state, world=dist.world)
@@ -279,12 +284,13 @@ def fit(args, model, dataset, *, stage, dist, groups, collate, evaluate=None, ex
                         pin_memory=dist.device.type == "cuda",
                         persistent_workers=False)
     amp_dtype, scaler = amp_setup(args.amp, dist.device)
+    keys = utils.forward_keys(model.forward)
     for epoch in range(start, args.epochs):
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         t0 = time.time()
         with dist.watch():
-            stats = train_one_epoch(ddp, loader, opt, dist=dist, args=args,
+            stats = train_one_epoch(ddp, loader, opt, keys=keys, dist=dist, args=args,
                                     amp_dtype=amp_dtype, scaler=scaler, epoch=epoch)
         sched.step()
         stats.update(epoch=epoch, time_s=round(time.time() - t0, 2),
@@ -362,6 +368,10 @@ def check_compatible(ck, args, extra_state=None, world=1):
     must the vocabulary and encoder config (same-sized vocabularies would otherwise load
     silently into the wrong words)."""
     now = plain_args(args)
+    newer = sorted(k for k in now if k not in ck.get("args", {}) and k not in MAY_CHANGE)
+    if newer:
+        raise DataError("checkpoint records no --%s: written by an older version of this "
+                        "project; start a fresh --out" % newer[0].replace("_", "-"))
     changed = []
     for k, was in sorted(ck.get("args", {}).items()):
         if k in MAY_CHANGE or k not in now:
@@ -373,15 +383,15 @@ def check_compatible(ck, args, extra_state=None, world=1):
     if ck.get("world", world) != world:
         changed.append("%d processes (this run: %d)" % (ck["world"], world))
     if changed:
-        raise utils.DataError("checkpoint was trained with %s; resume with the same settings "
-                              "(only %s may change) or start a fresh --out"
-                              % (", ".join(changed), ", ".join(
-                                  "--" + k.replace("_", "-") for k in sorted(MAY_CHANGE)
-                                  if k not in ("resume", "local_rank"))))
+        raise DataError("checkpoint was trained with %s; resume with the same settings "
+                        "(only %s may change) or start a fresh --out"
+                        % (", ".join(changed), ", ".join(
+                            "--" + k.replace("_", "-") for k in sorted(MAY_CHANGE)
+                            if k not in ("resume", "local_rank"))))
     for k, v in (extra_state or {}).items():
         if k in ck and ck[k] != v:
-            raise utils.DataError("checkpoint has another %s than this run (another info/ or "
-                                  "export?); start a fresh --out" % k)
+            raise DataError("checkpoint has another %s than this run (another info/ or "
+                            "export?); start a fresh --out" % k)
 
 
 @torch.no_grad()
@@ -402,9 +412,9 @@ def eval_paths(data, split):
     required: without them best.pt would silently be the last epoch."""
     tsv, ans = split_tsv(data, split), split_paths(data, split)[1]
     if ans is None:
-        raise utils.DataError("%s: not found; the per-epoch evaluation needs the answers of "
-                              "the %s split (pass --no-eval to train without it)"
-                              % (os.path.join(data, split, split + "_answer.json"), split))
+        raise DataError("%s: not found; the per-epoch evaluation needs the answers of "
+                        "the %s split (pass --no-eval to train without it)"
+                        % (os.path.join(data, split, split + "_answer.json"), split))
     return tsv, ans
 
 

@@ -35,9 +35,10 @@ import sys
 
 import numpy as np
 
+from errors import DataError
 from metric import check_submission, load_answers, load_predictions, ndcg_at_k, rank
 from runtime import bounded, check_writable, input_file
-from tsv import DataError, read_candidates
+from tsv import read_candidates
 from utils import atomic_json, atomic_open, write_together
 
 HOWS = ("raw", "zscore", "rank")

@@ -1,4 +1,4 @@
-"""What the matching stages (model1 to model4) share: flags, the training run, the
+"""What the matching stages (model1 to model4) share: flags and their preset, the
 pretrained export, parameter groups, scoring, the per-epoch evaluator, loading a trained
 checkpoint and writing prediction files.
 
@@ -14,9 +14,9 @@ import torch
 import engine
 import metric
 import runtime
-import sampler
 import utils
-from multilabel.model import load_export
+from errors import DataError
+from layers import load_export
 
 DEFAULT_EXPORT = os.path.join(utils.ROOT, "runs", "multilabel", "encoder.pt")
 
@@ -30,10 +30,10 @@ def train_parser(description, presets, *, in_batch=False):
     rate = runtime.bounded(float, low=0, above=True, why="a learning rate")
     g.add_argument("--lr-text", type=rate, help="learning rate of the text side")
     g.add_argument("--lr-image", type=rate, help="learning rate of pooling + output MLP")
-    g.add_argument("--lr-trunk", type=runtime.bounded(float, low=0, why="0 keeps the trunk "
-                                                                       "as pretrained"),
-                   help="fine-tune the pretrained trunk at this learning rate (published: "
-                        "frozen)")
+    g.add_argument("--tune-trunk", type=int, choices=[0, 1],
+                   help="1: fine-tune the pretrained trunk at --lr-trunk; 0: keep it as "
+                        "pretraining left it (published)")
+    g.add_argument("--lr-trunk", type=rate, help="learning rate of the trunk (--tune-trunk 1)")
     g.add_argument("--weight-decay", type=runtime.bounded(float, low=0, why="0: no decay"))
     g.add_argument("--gamma", type=runtime.bounded(float, low=0, above=True, why="the factor "
                                                    "of the learning rate after each epoch"),
@@ -52,41 +52,22 @@ def train_parser(description, presets, *, in_batch=False):
         g.add_argument("--group-share", type=share, default=1.0,
                        help="the share of the pairs laid out in those runs; the rest come "
                             "singly, so every batch also holds other garments")
-    g.add_argument("--eval-split", default="valid")
-    g.add_argument("--no-eval", action="store_true")
     return p
 
 
-def train_main(args, build_model, *, fallback, labels=False):
-    """Train a stage, its options parsed and its preset applied: the process group, the
-    pairs with hard negatives (``fallback``: the group a negative query comes from when it
-    does not share the last word, see ``sampler.NegativeSampler``; ``labels``: the batches
-    carry the regions' detector classes), the stage's model on the export, then
-    ``engine.fit``. -> the per-epoch history."""
-    runtime.check_writable(args.out)
-    dist = runtime.Dist(args.local_rank, timeout_s=args.dist_timeout)
-    runtime.setup_logging(dist.main)
-    runtime.seed_everything(args.seed, dist.rank)
-    queries, vocab = utils.load_info(args.info)
-    negatives = sampler.NegativeSampler(queries, p_last=args.p_last, fallback=fallback,
-                                        p_near=args.p_near)
-    dataset = utils.PairDataset(queries, vocab, engine.build_store(args), sampler=negatives,
-                                seed=args.seed, labels=labels)
-    encoder, word_emb, _ = load_pretrained(args.export, vocab, args.info)
-    model = build_model(encoder, word_emb, args)
-    # only rank 0 evaluates: the other ranks never read the evaluation split
-    evaluate = make_evaluator(args, vocab) if dist.main and not args.no_eval else None
-    batches = sampler.GroupedBatches(negatives.last_id[dataset.pair_query], args.batch_size,
-                                     args.group_rows, share=args.group_share,
-                                     world=dist.world, rank=dist.rank,
-                                     seed=args.seed) if getattr(args, "group_rows", 0) else None
-    # the vocabulary the frozen embeddings index: checked on resume and in load_trained
-    history = engine.fit(args, model, dataset, dist=dist, groups=param_groups(model, args),
-                         collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
-                         evaluate=evaluate, extra_state={"vocab": vocab.itos}, batches=batches,
-                         stage=stage_of(build_model))
-    dist.close()
-    return history
+def apply_preset(args, presets):
+    """``engine.apply_preset``, and the trunk's two flags checked together: ``--tune-trunk``
+    alone decides whether the trunk is tuned, so a ``--lr-trunk`` given without it (which
+    would change nothing) or a tuned trunk without a rate is refused."""
+    lr_trunk_given = args.lr_trunk is not None
+    args = engine.apply_preset(args, presets)
+    if lr_trunk_given and not args.tune_trunk:
+        raise DataError("--lr-trunk %g: the trunk is frozen (--tune-trunk 0, preset %s); "
+                        "add --tune-trunk 1 to fine-tune it" % (args.lr_trunk, args.preset))
+    if args.tune_trunk and args.lr_trunk is None:
+        raise DataError("--tune-trunk 1: preset %s gives the trunk no learning rate; "
+                        "add --lr-trunk LR" % args.preset)
+    return args
 
 
 def load_pretrained(export, vocab=None, info=None):
@@ -94,23 +75,23 @@ def load_pretrained(export, vocab=None, info=None):
     pretrained on another vocabulary than ``vocab`` (that of the ``info`` folder)."""
     encoder, word_emb, ex_vocab, _ = load_export(export)
     if vocab is not None and ex_vocab.itos != vocab.itos:
-        raise utils.DataError("%s was pretrained with another vocabulary (%d words) than %s "
-                              "(%d words): rerun pretraining on this info/"
-                              % (export, len(ex_vocab), info, len(vocab)))
+        raise DataError("%s was pretrained with another vocabulary (%d words) than %s "
+                        "(%d words): rerun pretraining on this info/"
+                        % (export, len(ex_vocab), info, len(vocab)))
     return encoder, word_emb, ex_vocab
 
 
 def param_groups(model, args):
     """Image side (pooling + output MLP) at lr_image, everything else trainable at lr_text;
-    the trunk, when it is tuned at all, at lr_trunk."""
+    the trunk at lr_trunk (a frozen trunk's group holds no trainable parameter:
+    ``engine.make_optimizer`` drops it)."""
     named = list(model.named_parameters())
     trunk = [p for n, p in named if n.startswith("encoder.trunk.")]
     image = [p for n, p in named if n.startswith("encoder.") and not n.startswith("encoder.trunk.")]
     text = [p for n, p in named if not n.startswith("encoder.")]
     return [dict(params=image, lr=args.lr_image, weight_decay=args.weight_decay),
             dict(params=text, lr=args.lr_text, weight_decay=args.weight_decay),
-            dict(params=trunk, lr=getattr(args, "lr_trunk", None) or 0.0,
-                 weight_decay=args.weight_decay)]
+            dict(params=trunk, lr=args.lr_trunk, weight_decay=args.weight_decay)]
 
 
 @torch.no_grad()
@@ -153,14 +134,14 @@ def load_trained(build_model, ckpt_path, export=None):
     """A trained stage checkpoint (trainable weights only) + its export -> (model, vocab, ck);
     ``build_model`` is the stage's (``model*/model.py``), whose checkpoints alone it reads."""
     ck = runtime.load_checkpoint(ckpt_path, stage_of(build_model))
-    args = argparse.Namespace(**ck["args"])
+    args = runtime.saved_args(ck, ckpt_path)
     if export:
         args.export = export
     encoder, word_emb, vocab = load_pretrained(args.export)
     model = build_model(encoder, word_emb, args)
     if "vocab" in ck and ck["vocab"] != vocab.itos:
-        raise utils.DataError("%s was trained on another vocabulary than its export %s: "
-                              "retrain it on this export" % (ckpt_path, args.export))
+        raise DataError("%s was trained on another vocabulary than its export %s: "
+                        "retrain it on this export" % (ckpt_path, args.export))
     engine.load_trainable(model, ck["model"], "%s (preset %s)" % (ckpt_path, args.preset))
     return model, vocab, ck
 

@@ -10,7 +10,7 @@ import logging
 import math
 import os
 
-from tsv import DataError
+from errors import DataError
 from utils import atomic_open
 
 log = logging.getLogger("kddmm")

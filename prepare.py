@@ -29,8 +29,9 @@ import numpy as np
 import provenance
 import runtime
 import utils
+from errors import DataError
 from text import Vocab, tokenize
-from tsv import FEAT_DIM, DataError, check_finished, iter_lines, line_number, line_numbers, \
+from tsv import FEAT_DIM, check_finished, iter_lines, line_number, line_numbers, \
     parse_row
 
 META_COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "query", "query_id"]

@@ -143,9 +143,9 @@ if [ "$SEARCH" = 1 ]; then
   stage retrieval --in "$OUT_DIR/model3/best.pt" "$ENCODER" "$OUT_DIR/info" "$STORE_DIR" "$PRED/ensemble.json" \
       "${CKPTS[@]}" "${GALLERY[@]}" \
       --out "$PRED"/{valid,test}_gallery_{model3,rerank}.json "$PRED/gallery_metrics.json" -- \
-    python model3/retrieve.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --split valid --split testB --k 100 --out "$PRED" --rerank "$PRED/ensemble.json"
+    python catalogue/retrieve.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --split valid --split testB --k 100 --out "$PRED" --rerank "$PRED/ensemble.json"
   stage index --in "$OUT_DIR/model3/best.pt" "$ENCODER" "$OUT_DIR/info" "$STORE_DIR" "${GALLERY[@]}" --out "$OUT_DIR/index" -- \
-    python model3/index.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --out "$OUT_DIR/index" --no-progress
+    python catalogue/index.py --ckpt "$OUT_DIR/model3/best.pt" --data "$DATA_DIR" --out "$OUT_DIR/index" --no-progress
 else  # no search this run: nothing of an earlier one may pass for this run's
   rm -rf "$PRED"/{valid,test}_gallery_{model3,rerank}.json "$PRED/gallery_metrics.json" \
     "$OUT_DIR/index" "$DONE/retrieval" "$DONE/index"

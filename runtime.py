@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from tsv import DataError
+from errors import DataError
 from utils import atomic_open
 
 
@@ -36,6 +36,7 @@ WRITTEN_BY = {"multilabel": "multilabel/train.py's best.pt or last.pt",
               "model1": "model1/train.py's best.pt or last.pt",
               "model2": "model2/train.py's best.pt or last.pt",
               "model3": "model3/train.py's best.pt or last.pt",
+              "model4": "model4/train.py's best.pt or last.pt",
               "export": "multilabel/export_model.py's encoder.pt"}
 
 
@@ -73,6 +74,24 @@ def load_checkpoint(path, stage=None):
         raise DataError("%s: checkpoint format %s; this version reads format %d: retrain it"
                         % (path, ck.get("format"), CHECKPOINT_FORMAT))
     return ck
+
+
+class SavedArgs(argparse.Namespace):
+    """A checkpoint's options (``saved_args``): reading one it lacks, an option added after
+    it was written, is a DataError naming the file, not an AttributeError."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # copy and pickle probe for special methods
+            raise AttributeError(name)
+        raise DataError("%s: records no --%s: written by an older version of this project; "
+                        "retrain it" % (self.__dict__.get("_path"), name.replace("_", "-")))
+
+
+def saved_args(ck, path):
+    """The options ``ck`` (read from ``path``) was trained with, as a Namespace."""
+    args = SavedArgs(**ck["args"])
+    args._path = path
+    return args
 
 
 def read_checkpoint(path):

@@ -10,7 +10,7 @@ changed or swapped attributes a candidate list is full of. Reads only the numpy 
 """
 import numpy as np
 
-from tsv import DataError
+from errors import DataError
 from utils import Ragged, ragged_parts
 
 

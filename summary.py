@@ -2,7 +2,7 @@
 
     python summary.py --out runs
 Reads OUT/prediction_result/ensemble.json (written by ensemble.ipynb), its
-gallery_metrics.json (model3/retrieve.py, where the data has gallery answers) and
+gallery_metrics.json (catalogue/retrieve.py, where the data has gallery answers) and
 OUT/stage_times.tsv (written by run.sh); writes OUT/summary.json.
 """
 import argparse

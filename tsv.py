@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 
+from errors import DataError
+
 FEAT_DIM = 2048
 N_CLASSES = 33
 # Bottom-up-attention features are non-negative with maxima in the tens: a value beyond
@@ -22,10 +24,6 @@ INT64_MAX = 2 ** 63 - 1  # ids and sizes become int64 arrays (and ids file names
 COLUMNS = ["product_id", "image_h", "image_w", "num_boxes", "boxes", "features",
            "class_labels", "query", "query_id"]
 log = logging.getLogger("kddmm")
-
-
-class DataError(ValueError):
-    """Bad input; the message names the file, the line and the reason."""
 
 
 # synthetic.py writes this file into a data root first and removes it last: a generator

@@ -10,6 +10,7 @@ workers need none): the functions that build tensors import it themselves.
 """
 import contextlib
 import errno
+import inspect
 import json
 import logging
 import os
@@ -20,8 +21,9 @@ import zlib
 
 import numpy as np
 
+from errors import DataError
 from text import BOS, EOS, PAD, Vocab, tokenize
-from tsv import FEAT_DIM, DataError, read_candidates
+from tsv import FEAT_DIM, read_candidates
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("kddmm")
@@ -475,6 +477,37 @@ def collate_pairs(batch, flat=False):
         if side + "l" in batch[0]:
             out[side + "_labels"], _ = pad_tokens([b[side + "l"] for b in batch])
     return out
+
+
+# the keys of a training batch as ``collate_pairs`` and ``unflatten`` give it; a model's
+# ``forward`` reads some of them by name
+BATCH_KEYS = frozenset(["q_tokens", "qi", "pid", "p_boxes", "p_feats", "p_mask", "p_labels",
+                        "caption_in", "caption_out", "nq_tokens", "npid", "n_boxes",
+                        "n_feats", "n_mask", "n_labels"])
+
+
+def forward_keys(forward):
+    """The batch keys a model's ``forward`` reads: its parameters, named one by one (a
+    ``**kwargs`` would swallow a misspelt key)."""
+    params = inspect.signature(forward).parameters.values()
+    loose = [p.name for p in params if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if loose:
+        raise TypeError("%s takes *%s: name each batch key it reads (utils.BATCH_KEYS)"
+                        % (forward.__qualname__, loose[0]))
+    return [p.name for p in params]
+
+
+def batch_inputs(batch, keys):
+    """A training batch -> {key: tensor} of the ``keys`` its model's forward reads
+    (``forward_keys``). A key forward reads that the batch lacks, or a batch key that
+    forward does not read and that is not in BATCH_KEYS, is a KeyError: a misspelt key on
+    either side is never dropped silently."""
+    missing = [k for k in keys if k not in batch]
+    stray = sorted(set(batch) - set(keys) - BATCH_KEYS)
+    if missing or stray:
+        raise KeyError("the batch lacks %s that forward reads; it holds %s that is not a batch "
+                       "key (utils.BATCH_KEYS)" % (missing, stray))
+    return {k: batch[k] for k in keys}
 
 
 def collate_pairs_flat(batch):

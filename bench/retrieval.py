@@ -6,7 +6,7 @@
     python bench/retrieval.py --n 1000000 --queries 1000      # no checkpoint
 
 The gallery: every product model3's checkpoint can encode (train from its product store,
-valid/testA/testB from their TSV; ``model3/retrieve.py``'s own functions), padded out to
+valid/testA/testB from their TSV; ``catalogue/retrieve.py``'s own functions), padded out to
 ``--n`` vectors with synthetic ones of the same statistics: drawn from a Gaussian with the
 real vectors' mean and covariance, then L2-normalised (as model3's are). The real products
 are placed at random rows, so any block of rows is a random sample. The queries: the
@@ -63,11 +63,11 @@ BLOCK = 65536  # gallery rows read (and added) at a time
 # --------------------------------------------------------------------------------------
 def real_vectors(a):
     """-> (gallery (P, D), queries (Q, D)) float32, encoded by the checkpoint's model3 with
-    model3/retrieve.py's functions, the gallery as ``retrieve.py`` builds it."""
+    catalogue/retrieve.py's functions, the gallery as ``retrieve.py`` builds it."""
     import engine
     import matching
     import tsv
-    from model3 import retrieve
+    from catalogue import retrieve
     from model3.model import build_model
     model, vocab, ck = matching.load_trained(build_model, a.ckpt, None)
     model.eval()
@@ -226,7 +226,7 @@ def measure(kind, a):
     if kind == "exact":  # torch only here: the faiss processes do not load it
         import torch
 
-        from model3 import retrieve
+        from catalogue import retrieve
         torch.set_num_threads(a.threads)
         gallery = torch.empty(n, dim)
         g = gallery.numpy()

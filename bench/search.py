@@ -1,10 +1,10 @@
-"""The time of one search from the command line: model3/search.py, index load included.
+"""The time of one search from the command line: catalogue/search.py, index load included.
 
     python bench/search.py --ckpt runs/model3/best.pt [--data DATA] [--index-dir /tmp/index] \
         [--n 10] [--threads 2] [--query "red floral dress"] [--skip-build]
 
-Builds the index once (``model3/index.py``, not timed beyond its own line), then runs N
-single-query searches, each a fresh ``python model3/search.py --index DIR QUERY``
+Builds the index once (``catalogue/index.py``, not timed beyond its own line), then runs N
+single-query searches, each a fresh ``python catalogue/search.py --index DIR QUERY``
 subprocess as a user would type it, and N bare ``python -c "import torch"`` subprocesses,
 the floor every search pays. Both under ``--threads`` (OMP_NUM_THREADS and taskset to that
 many cores when taskset exists). Prints each one's median, min and max wall seconds; the
@@ -49,10 +49,10 @@ def main(argv=None):
     pin = (["taskset", "-c", "0-%d" % (a.threads - 1)]
            if shutil.which("taskset") and a.threads <= os.cpu_count() else [])
     if not a.skip_build:
-        build = [sys.executable, "model3/index.py", "--ckpt", a.ckpt, "--out", a.index_dir,
+        build = [sys.executable, "catalogue/index.py", "--ckpt", a.ckpt, "--out", a.index_dir,
                  "--no-progress"] + (["--data", a.data] if a.data else [])
         print("index built in %.1f s: %s" % (timed(build, env), a.index_dir))
-    search = pin + [sys.executable, "model3/search.py", "--index", a.index_dir, a.query]
+    search = pin + [sys.executable, "catalogue/search.py", "--index", a.index_dir, a.query]
     torch_only = pin + [sys.executable, "-c", "import torch"]
     times = {"import torch": [], "search, one query": []}
     for _ in range(a.n):  # interleaved, so a busy spell of the machine hits both

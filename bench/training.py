@@ -90,7 +90,7 @@ def build(stage, a, export):
 
 
 def step(model, opt, batch):
-    loss, _ = model(**batch)
+    loss, _ = model(**utils.batch_inputs(batch, utils.forward_keys(model.forward)))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -123,7 +123,7 @@ def ab_score_pairs(a, export, steps=5, repeats=3):
     now = WordImageMatcher.forward
 
     def before(self, q_tokens, qi, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats,
-               n_mask, **_):
+               n_mask):
         heads, n_heads = self.encode_image(p_boxes, p_feats, p_mask), \
             self.encode_image(n_boxes, n_feats, n_mask)
         text, n_text = self.encode_text(q_tokens), self.encode_text(nq_tokens)

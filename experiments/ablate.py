@@ -8,7 +8,7 @@ of words in place of the BiGRU text side (and the same with another seed, for th
 one run), and other make-ups of its batches (``--group-rows``, ``--group-share``); each row
 also gives the 5-fold estimate of the blend of the run's pretraining score, model1 and
 model2 with that model3, normalisation chosen as ``run.sh`` chooses it, and that model3's
-whole-gallery Recall@100 on valid (``model3/retrieve.py``). The run's own rows ("preset")
+whole-gallery Recall@100 on valid (``catalogue/retrieve.py``). The run's own rows ("preset")
 are read from its logs and prediction files.
 
     python experiments/ablate.py --data DATA --run OUT [--stages model3]

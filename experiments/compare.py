@@ -27,8 +27,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from errors import DataError  # noqa: E402
 from metric import load_answers, load_predictions, ndcg_per_query  # noqa: E402
-from tsv import DataError  # noqa: E402
 
 
 def load_ranker(path):

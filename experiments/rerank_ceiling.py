@@ -5,7 +5,7 @@ model3's retrieval and retrieval + re-ranking, for the same queries.
         --ensemble RUN/prediction_result/ensemble.json [--split valid] [--queries 50] \
         [--k 100] [--out DIR] [--member NAME=CKPT ...]
 
-The gallery is ``model3/retrieve.py``'s (train and every candidate split of the data root).
+The gallery is ``catalogue/retrieve.py``'s (train and every candidate split of the data root).
 The first ``--queries`` queries of the split by id are ranked three ways: model3's top K
 (``retrieve.retrieve``), that K re-ranked by the blend (``retrieve.rerank_splits``, what
 ``retrieve.py --rerank`` writes), and brute force: every gallery product scored by every
@@ -31,7 +31,7 @@ import metric  # noqa: E402
 import runtime  # noqa: E402
 import utils  # noqa: E402
 from bench.common import load, machine  # noqa: E402
-from model3 import rerank, retrieve  # noqa: E402
+from catalogue import rerank, retrieve  # noqa: E402
 from model3.model import build_model  # noqa: E402
 
 

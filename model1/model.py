@@ -6,50 +6,21 @@ w_i = softmax over the query's words of MLP([gru_i ; head_0(p)]); score = sum_i 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from layers import TextSide
 
 
 PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; tiny: tests
     "paper": dict(batch_size=130, lr_text=1e-4, lr_image=5e-6, weight_decay=1e-6, gamma=0.95,
                   epochs=5, p_near=0.0, hidden=256, weight_hidden=512, margin=0.9,
-                  group_rows=0),
+                  group_rows=0, uniform_weights=0, tune_trunk=0),
     "small": dict(batch_size=64, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
                   epochs=4, p_near=0.5, hidden=128, weight_hidden=128, margin=0.9,
-                  group_rows=0),
+                  group_rows=0, uniform_weights=0, tune_trunk=0),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
                  epochs=2, p_near=0.5, hidden=32, weight_hidden=32, margin=0.9,
-                 group_rows=0),
+                 group_rows=0, uniform_weights=0, tune_trunk=0),
 }
-
-
-class TextSide(nn.Module):
-    """Word ids -> (frozen word embeddings (B, L, E), GRU states (B, L, H), mask (B, L)).
-
-    ``gru=False`` (uniform word weights, which read no GRU state) builds no GRU and returns
-    None for its states.
-    """
-
-    def __init__(self, word_emb, hidden, gru=True):
-        super().__init__()
-        self.emb = nn.Embedding.from_pretrained(word_emb.clone(), freeze=True, padding_idx=0)
-        if gru:
-            self.norm = nn.LayerNorm(word_emb.shape[1])
-            self.gru = nn.GRU(word_emb.shape[1], hidden, num_layers=2, batch_first=True,
-                              bidirectional=True)
-        self.with_gru = gru
-
-    def forward(self, tokens):
-        e = self.emb(tokens)
-        mask = tokens != 0
-        if not self.with_gru:
-            return e, None, mask
-        # packed, so the backward direction starts at the last word, not at the padding
-        packed = pack_padded_sequence(self.norm(e), mask.sum(1).clamp(min=1).cpu(),
-                                      batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
-        out = out.view(*tokens.shape, 2, -1).mean(2)   # forward and backward averaged
-        return e, out, mask
 
 
 class WordImageMatcher(nn.Module):
@@ -124,7 +95,7 @@ class WordImageMatcher(nn.Module):
         return out
 
     def forward(self, q_tokens, qi, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats,
-                n_mask, **_):
+                n_mask):
         heads = self.encode_image(p_boxes, p_feats, p_mask)
         n_heads = self.encode_image(n_boxes, n_feats, n_mask)
         text, n_text = self.encode_text(q_tokens), self.encode_text(nq_tokens)
@@ -153,5 +124,5 @@ def build_model(encoder, word_emb, args):
     """The matcher the options (of train.py, or a checkpoint's) name, on the exported
     encoder and word embeddings (V, E)."""
     return WordImageMatcher(encoder, word_emb, hidden=args.hidden, weight_hidden=args.weight_hidden,
-                            uniform_weights=getattr(args, "uniform_weights", False),
-                            margin=args.margin, tune_trunk=bool(getattr(args, "lr_trunk", None)))
+                            uniform_weights=bool(args.uniform_weights), margin=args.margin,
+                            tune_trunk=bool(args.tune_trunk))

@@ -12,12 +12,15 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 PRESETS = {  # paper: the published settings (batch per GPU); small: this CPU; tiny: tests
     "paper": dict(batch_size=150, lr_text=1e-4, lr_image=5e-6, weight_decay=1e-6, gamma=0.95,
-                  epochs=2, p_near=0.0, input_norm=0, h0_norm=0),
+                  epochs=2, p_near=0.0, input_norm=0, h0_norm=0, readout="last",
+                  tune_trunk=0),
     # small: valid NDCG@5 still rises at 8 epochs (0.756 after 4, 0.804 after 8)
     "small": dict(batch_size=64, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
-                  epochs=8, p_near=0.5, input_norm=1, h0_norm=1),
+                  epochs=8, p_near=0.5, input_norm=1, h0_norm=1, readout="last",
+                  tune_trunk=0),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
-                 epochs=2, p_near=0.5, input_norm=1, h0_norm=1),
+                 epochs=2, p_near=0.5, input_norm=1, h0_norm=1, readout="last",
+                 tune_trunk=0),
 }
 
 
@@ -77,8 +80,7 @@ class SentenceImageMatcher(nn.Module):
         """tokens (Q, L), image (P, E), pairs (N, 2) of (query, product) indices -> (N,)."""
         return self.logits(tokens[pairs[:, 0]], image[pairs[:, 1]])
 
-    def forward(self, q_tokens, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats, n_mask,
-                **_):
+    def forward(self, q_tokens, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats, n_mask):
         img, n_img = self.encode_image(p_boxes, p_feats, p_mask), \
             self.encode_image(n_boxes, n_feats, n_mask)
         # the three kinds of pair in one GRU call: on the CPU its time is per step, not per row
@@ -94,8 +96,6 @@ class SentenceImageMatcher(nn.Module):
 def build_model(encoder, word_emb, args):
     """The matcher the options (of train.py, or a checkpoint's) name, on the exported
     encoder and word embeddings (V, E)."""
-    # checkpoints written before these options existed: no input norm, a normalised head
-    return SentenceImageMatcher(encoder, word_emb, input_norm=bool(getattr(args, "input_norm", 0)),
-                                h0_norm=bool(getattr(args, "h0_norm", 1)),
-                                readout=getattr(args, "readout", "last"),
-                                tune_trunk=bool(getattr(args, "lr_trunk", None)))
+    return SentenceImageMatcher(encoder, word_emb, input_norm=bool(args.input_norm),
+                                h0_norm=bool(args.h0_norm), readout=args.readout,
+                                tune_trunk=bool(args.tune_trunk))

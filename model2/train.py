@@ -18,6 +18,8 @@ if ROOT not in sys.path:
 import engine  # noqa: E402
 import matching  # noqa: E402
 import runtime  # noqa: E402
+import sampler  # noqa: E402
+import utils  # noqa: E402
 from model2.model import PRESETS, build_model  # noqa: E402
 
 
@@ -28,15 +30,34 @@ def parse_args(argv=None):
                    help="1: LayerNorm the word embeddings before the GRU (published: 0)")
     g.add_argument("--h0-norm", type=int, choices=[0, 1],
                    help="1: LayerNorm the sentence head before it seeds the GRU (published: 0)")
-    g.add_argument("--readout", choices=["last", "mean"], default="last",
+    g.add_argument("--readout", choices=["last", "mean"],
                    help="last: final states of the last layer; mean: its outputs averaged "
                         "over the words (both directions averaged either way)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
-    args = engine.apply_preset(parse_args(argv), PRESETS)
-    return matching.train_main(args, build_model, fallback="cluster_or_random")
+    args = matching.apply_preset(parse_args(argv), PRESETS)
+    runtime.check_writable(args.out)
+    dist = runtime.Dist(args.local_rank, timeout_s=args.dist_timeout)
+    runtime.setup_logging(dist.main)
+    runtime.seed_everything(args.seed, dist.rank)
+    queries, vocab = utils.load_info(args.info)
+    negatives = sampler.NegativeSampler(queries, p_last=args.p_last, fallback="cluster_or_random",
+                                        p_near=args.p_near)
+    dataset = utils.PairDataset(queries, vocab, engine.build_store(args), sampler=negatives,
+                                seed=args.seed)
+    encoder, word_emb, _ = matching.load_pretrained(args.export, vocab, args.info)
+    model = build_model(encoder, word_emb, args)
+    # only rank 0 evaluates: the other ranks never read the evaluation split
+    evaluate = matching.make_evaluator(args, vocab) if dist.main and not args.no_eval else None
+    # the vocabulary the frozen embeddings index: checked on resume and in load_trained
+    history = engine.fit(args, model, dataset, stage="model2", dist=dist,
+                         groups=matching.param_groups(model, args),
+                         collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
+                         evaluate=evaluate, extra_state={"vocab": vocab.itos})
+    dist.close()
+    return history
 
 
 if __name__ == "__main__":

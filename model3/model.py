@@ -22,10 +22,9 @@ import torch.distributed as td
 import torch.nn as nn
 import torch.nn.functional as F
 
-import text
+from layers import AttentionPool, TextSide
+from text import UNK
 from tsv import FEAT_DIM
-from model1.model import TextSide
-from multilabel.model import AttentionPool
 
 # the inverse temperature starts at 1 / 0.07 and is clamped to at most 100 (CLIP's values)
 LOG_SCALE_INIT, LOG_SCALE_MAX = math.log(1 / 0.07), math.log(100.0)
@@ -38,13 +37,13 @@ LOG_SCALE_INIT, LOG_SCALE_MAX = math.log(1 / 0.07), math.log(100.0)
 PRESETS = {
     "paper": dict(batch_size=130, lr_text=1e-4, lr_image=1e-4, lr_trunk=5e-6,
                   weight_decay=1e-6, gamma=0.95, epochs=5, p_near=0.0, dim=1024,
-                  freeze_trunk=1, pool="attn", text="attn", group_rows=0, raw_path=0),
+                  tune_trunk=0, pool="attn", text="attn", group_rows=0, raw_path=0),
     "small": dict(batch_size=128, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
                   weight_decay=1e-6, gamma=0.9, epochs=5, p_near=0.5, dim=256,
-                  freeze_trunk=1, pool="attn", text="gru", group_rows=8, raw_path=0),
+                  tune_trunk=0, pool="attn", text="gru", group_rows=8, raw_path=0),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=1e-3, lr_trunk=1e-4,
                  weight_decay=1e-6, gamma=0.95, epochs=2, p_near=0.5, dim=32,
-                 freeze_trunk=1, pool="attn", text="gru", group_rows=4, raw_path=0),
+                 tune_trunk=0, pool="attn", text="gru", group_rows=4, raw_path=0),
 }
 
 
@@ -90,27 +89,29 @@ class ImageSide(nn.Module):
 
 class QueryEncoder(nn.Module):
     """The text side alone: query tokens -> (Q, dim) unit vectors. A search builds only
-    this (``model3/query.py``); DualEncoder is one with the image side beside it."""
+    this (``catalogue/query.py``); DualEncoder is one with the image side beside it."""
 
-    def __init__(self, word_emb, *, dim=256, text="attn"):
+    def __init__(self, word_emb, *, dim=256, text_kind="attn"):
         super().__init__()
-        self.add_text_side(word_emb, dim=dim, text=text)
+        self.add_text_side(word_emb, dim=dim, text_kind=text_kind)
 
-    def add_text_side(self, word_emb, *, dim, text):
-        """The exported word embeddings (frozen) -> LayerNorm, or model1's text side (a
-        2-layer BiGRU, directions averaged, packed) -> attention pooling -> Linear."""
-        if text not in ("attn", "gru"):
-            raise ValueError("text must be 'attn' or 'gru', got %r" % (text,))
+    def add_text_side(self, word_emb, *, dim, text_kind):
+        """The submodules ``text`` (``layers.TextSide``), ``text_norm``, ``text_pool`` and
+        ``text_proj``. ``text_kind`` "attn": the exported word embeddings (frozen) ->
+        LayerNorm -> attention pooling -> Linear; "gru": their 2-layer BiGRU states
+        (directions averaged, packed) -> attention pooling -> Linear."""
+        if text_kind not in ("attn", "gru"):
+            raise ValueError("text must be 'attn' or 'gru', got %r" % (text_kind,))
         d_word = word_emb.shape[1]
-        self.text = TextSide(word_emb, d_word, gru=text == "gru")
-        self.text_norm = nn.LayerNorm(d_word) if text == "attn" else nn.Identity()
+        self.text = TextSide(word_emb, d_word, gru=text_kind == "gru")
+        self.text_norm = nn.LayerNorm(d_word) if text_kind == "attn" else nn.Identity()
         self.text_pool = AttentionPool(d_word, [d_word])
         self.text_proj = nn.Linear(d_word, dim)
 
     def encode_queries(self, tokens):
         """tokens (Q, L) 0-padded -> (Q, dim) unit vectors; an empty query reads <unk>."""
         tokens = tokens.to(self.text_proj.weight.device).clone()
-        tokens[(tokens != 0).sum(1) == 0, 0] = text.UNK
+        tokens[(tokens != 0).sum(1) == 0, 0] = UNK
         e, states, mask = self.text(tokens)
         x = self.text_norm(e) if states is None else states
         return F.normalize(self.text_proj(self.text_pool(x, mask)).float(), dim=-1)
@@ -119,14 +120,14 @@ class QueryEncoder(nn.Module):
 class DualEncoder(QueryEncoder):
     """ImageSide + the text side + the learned temperature."""
 
-    def __init__(self, encoder, word_emb, *, dim=256, pool="attn", text="attn", tune_trunk=False,
-                 raw_path=False):
+    def __init__(self, encoder, word_emb, *, dim=256, pool="attn", text_kind="attn",
+                 tune_trunk=False, raw_path=False):
         nn.Module.__init__(self)
         # the image side first: the layers are created, and their weights drawn, in the
         # order the trained checkpoints and the seeds' figures were made with
         self.encoder = ImageSide(encoder, dim, pool=pool, tune_trunk=tune_trunk,
                                  raw_path=raw_path)
-        self.add_text_side(word_emb, dim=dim, text=text)
+        self.add_text_side(word_emb, dim=dim, text_kind=text_kind)
         self.logit_scale = nn.Parameter(torch.tensor(LOG_SCALE_INIT))
 
     def train(self, mode=True):
@@ -136,28 +137,31 @@ class DualEncoder(QueryEncoder):
         return self
 
     def encode_image(self, boxes, feats, mask):
+        """Region tensors of N products, on the model's device -> (N, dim) unit vectors."""
         return self.encoder(boxes, feats, mask)
 
-    def encode_images(self, batch):
-        """A product batch as ``utils.CandidateSet.product_batches`` yields it ->
-        (N, dim) unit vectors, on the model's device."""
+    def encode_product_batch(self, batch):
+        """A product batch as ``utils.CandidateSet.product_batches`` yields it (a dict, on
+        any device) -> (N, dim) unit vectors, on the model's device."""
         dev = self.logit_scale.device
         return self.encode_image(batch["boxes"].to(dev), batch["feats"].to(dev),
                                  batch["mask"].to(dev))
 
-    def score(self, tokens, image, pairs):
-        """tokens (Q, L), image (P, dim), pairs (N, 2) of (query, product) indices -> (N,)."""
-        text = self.encode_queries(tokens)
-        return (text[pairs[:, 0]] * image[pairs[:, 1]]).sum(1)
+    def score(self, tokens, products, pairs):
+        """tokens (Q, L), products (P, dim) vectors, pairs (N, 2) of (query, product)
+        indices -> (N,)."""
+        queries = self.encode_queries(tokens)
+        return (queries[pairs[:, 0]] * products[pairs[:, 1]]).sum(1)
 
     def forward(self, q_tokens, qi, p_boxes, p_feats, p_mask, nq_tokens, n_boxes, n_feats,
-                n_mask, **_):
-        text, image = self.encode_queries(q_tokens), self.encode_image(p_boxes, p_feats, p_mask)
-        neg_text = self.encode_queries(nq_tokens)
-        neg_image = self.encode_image(n_boxes, n_feats, n_mask)
+                n_mask):
+        query, product = self.encode_queries(q_tokens), self.encode_image(p_boxes, p_feats, p_mask)
+        neg_query = self.encode_queries(nq_tokens)
+        neg_product = self.encode_image(n_boxes, n_feats, n_mask)
         scale = self.logit_scale.clamp(0.0, LOG_SCALE_MAX).exp()
-        loss = infonce_loss(text, image, qi, scale, neg_text=neg_text, neg_image=neg_image)
-        return loss, {"pos": (text * image).sum(1).mean().detach(), "scale": scale.detach()}
+        loss = infonce_loss(query, product, qi, scale, neg_query=neg_query,
+                            neg_product=neg_product)
+        return loss, {"pos": (query * product).sum(1).mean().detach(), "scale": scale.detach()}
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -191,33 +195,33 @@ def gather_rows(x):
     return _GatherWithGrad.apply(x), td.get_rank() * len(x)
 
 
-def infonce_loss(text, image, qi, scale, *, neg_text, neg_image):
+def infonce_loss(query, product, qi, scale, *, neg_query, neg_product):
     """InfoNCE query -> products and product -> queries, averaged.
 
-    text, image (B, D) unit vectors, row i a positive pair; qi (B,) query indices; scale the
-    inverse temperature; neg_image (B, D) row i's sampled negative product, neg_text (B, D)
-    its sampled negative query, each one extra column of row i only (the sampler keeps
+    query, product (B, D) unit vectors, row i a positive pair; qi (B,) query indices; scale
+    the inverse temperature; neg_product (B, D) row i's sampled negative product, neg_query
+    (B, D) its sampled negative query, each one extra column of row i only (the sampler keeps
     them off row i's query, not off the others'). The in-batch columns are every rank's
     rows (``gather_rows``); a column of the same query as the row, other than the row's
     own pair, is masked out: it is a positive too, not a negative.
     """
-    all_text, start = gather_rows(text)
-    all_image, _ = gather_rows(image)
+    all_query, start = gather_rows(query)
+    all_product, _ = gather_rows(product)
     all_qi, _ = gather_rows(qi)
     target = torch.arange(len(qi), device=qi.device) + start
     same = qi[:, None] == all_qi[None, :]
     same[torch.arange(len(qi)), target] = False
     same = F.pad(same, (0, 1), value=False)               # the sampled negative's column
     # in float32 under autocast too: scaled bf16 logits lose what tells near candidates apart
-    with torch.autocast(text.device.type, enabled=False):
-        t2i = torch.cat([text @ all_image.t(), (text * neg_image).sum(1, keepdim=True)], 1)
-        i2t = torch.cat([image @ all_text.t(), (image * neg_text).sum(1, keepdim=True)], 1)
+    with torch.autocast(query.device.type, enabled=False):
+        q2p = torch.cat([query @ all_product.t(), (query * neg_product).sum(1, keepdim=True)], 1)
+        p2q = torch.cat([product @ all_query.t(), (product * neg_query).sum(1, keepdim=True)], 1)
         return sum(F.cross_entropy((scale * s).masked_fill(same, float("-inf")), target)
-                   for s in (t2i, i2t)) / 2
+                   for s in (q2p, p2q)) / 2
 
 
 def build_model(encoder, word_emb, args):
     """The dual encoder the options (of train.py, or a checkpoint's) name, on the exported
     encoder and word embeddings (V, E)."""
-    return DualEncoder(encoder, word_emb, dim=args.dim, pool=args.pool, text=args.text,
-                       tune_trunk=not args.freeze_trunk, raw_path=bool(args.raw_path))
+    return DualEncoder(encoder, word_emb, dim=args.dim, pool=args.pool, text_kind=args.text,
+                       tune_trunk=bool(args.tune_trunk), raw_path=bool(args.raw_path))

@@ -19,6 +19,8 @@ if ROOT not in sys.path:
 import engine  # noqa: E402
 import matching  # noqa: E402
 import runtime  # noqa: E402
+import sampler  # noqa: E402
+import utils  # noqa: E402
 from model3.model import PRESETS, build_model  # noqa: E402
 
 
@@ -27,8 +29,6 @@ def parse_args(argv=None):
     g = p.add_argument_group("model3")
     g.add_argument("--dim", type=runtime.bounded(low=1, why="a width"),
                    help="width of the product and query vectors")
-    g.add_argument("--freeze-trunk", type=int, choices=[0, 1],
-                   help="1: keep the pretrained trunk frozen; 0: fine-tune it at --lr-trunk")
     g.add_argument("--pool", choices=["attn", "mean"],
                    help="pooling over the regions: the pretrained attention pooling, or the mean")
     g.add_argument("--text", choices=["attn", "gru"],
@@ -40,8 +40,32 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = engine.apply_preset(parse_args(argv), PRESETS)
-    return matching.train_main(args, build_model, fallback="cluster")
+    args = matching.apply_preset(parse_args(argv), PRESETS)
+    runtime.check_writable(args.out)
+    dist = runtime.Dist(args.local_rank, timeout_s=args.dist_timeout)
+    runtime.setup_logging(dist.main)
+    runtime.seed_everything(args.seed, dist.rank)
+    queries, vocab = utils.load_info(args.info)
+    negatives = sampler.NegativeSampler(queries, p_last=args.p_last, fallback="cluster",
+                                        p_near=args.p_near)
+    dataset = utils.PairDataset(queries, vocab, engine.build_store(args), sampler=negatives,
+                                seed=args.seed)
+    encoder, word_emb, _ = matching.load_pretrained(args.export, vocab, args.info)
+    model = build_model(encoder, word_emb, args)
+    # only rank 0 evaluates: the other ranks never read the evaluation split
+    evaluate = matching.make_evaluator(args, vocab) if dist.main and not args.no_eval else None
+    # runs of --group-rows pairs of the same last word (0: the default shuffle)
+    batches = sampler.GroupedBatches(negatives.last_id[dataset.pair_query], args.batch_size,
+                                     args.group_rows, share=args.group_share, world=dist.world,
+                                     rank=dist.rank, seed=args.seed) if args.group_rows else None
+    # the vocabulary the frozen embeddings index: checked on resume and in load_trained
+    history = engine.fit(args, model, dataset, stage="model3", dist=dist,
+                         groups=matching.param_groups(model, args),
+                         collate=utils.collate_pairs_flat if args.workers else utils.collate_pairs,
+                         evaluate=evaluate, extra_state={"vocab": vocab.itos},
+                         batches=batches)
+    dist.close()
+    return history
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import utils
+from errors import DataError
 from tsv import N_CLASSES
 
 MAX_WORDS = 32      # words a query keeps (its position embeddings); the rest are dropped
@@ -37,15 +38,15 @@ PRESETS = {
     "paper": dict(batch_size=32, lr_text=5e-5, lr_image=5e-5, weight_decay=1e-6, gamma=0.95,
                   epochs=4, p_near=0.0, group_rows=0, block_rows=8, word_match=0, streams=2,
                   d_model=768, heads=12, d_ff=3072, layers=12, text_layers=9,
-                  region_layers=5, cross_layers=5, dropout=0.1, mlm_weight=0.0),
+                  region_layers=5, cross_layers=5, dropout=0.1, mlm_weight=0.0, tune_trunk=0),
     "small": dict(batch_size=32, lr_text=1e-3, lr_image=1e-3, weight_decay=1e-6, gamma=0.9,
                   epochs=3, p_near=0.5, group_rows=0, block_rows=8, word_match=1, streams=1,
                   d_model=128, heads=4, d_ff=256, layers=3, text_layers=1, region_layers=1,
-                  cross_layers=2, dropout=0.1, mlm_weight=0.0),
+                  cross_layers=2, dropout=0.1, mlm_weight=0.0, tune_trunk=0),
     "tiny": dict(batch_size=16, lr_text=1e-3, lr_image=1e-3, weight_decay=1e-6, gamma=0.95,
                  epochs=2, p_near=0.5, group_rows=0, block_rows=8, word_match=1, streams=1,
                  d_model=32, heads=2, d_ff=64, layers=2, text_layers=1, region_layers=1,
-                 cross_layers=1, dropout=0.1, mlm_weight=0.0),
+                 cross_layers=1, dropout=0.1, mlm_weight=0.0, tune_trunk=0),
 }
 
 
@@ -166,8 +167,8 @@ class CrossEncoder(nn.Module):
         if streams not in (1, 2):
             raise ValueError("streams must be 1 or 2, got %r" % (streams,))
         if streams == 2 and cross_layers < 1:
-            raise utils.DataError("two streams meet in the cross layers: --cross-layers must "
-                                  "be >= 1, got %r" % (cross_layers,))
+            raise DataError("two streams meet in the cross layers: --cross-layers must "
+                            "be >= 1, got %r" % (cross_layers,))
         d = d_model
         self.encoder = RegionEmbedding(encoder, d, dropout, tune_trunk=tune_trunk,
                                        heads=word_match)
@@ -230,7 +231,7 @@ class CrossEncoder(nn.Module):
         return out
 
     def forward(self, q_tokens, qi, p_boxes, p_feats, p_mask, p_labels, nq_tokens, n_boxes,
-                n_feats, n_mask, n_labels, **_):
+                n_feats, n_mask, n_labels):
         B = len(q_tokens)
         q_tokens, nq_tokens = q_tokens[:, :MAX_WORDS], nq_tokens[:, :MAX_WORDS]
         width = max(q_tokens.shape[1], nq_tokens.shape[1])
@@ -308,4 +309,4 @@ def build_model(encoder, word_emb, args):
                         cross_layers=args.cross_layers, dropout=args.dropout,
                         block_rows=args.block_rows, mlm_weight=args.mlm_weight,
                         word_match=bool(args.word_match),
-                        tune_trunk=bool(getattr(args, "lr_trunk", None)))
+                        tune_trunk=bool(args.tune_trunk))

@@ -2,7 +2,7 @@
 
     python multilabel/export_model.py --ckpt runs/multilabel/best.pt --out runs/multilabel/encoder.pt
 
-model1 and model2 load it with ``multilabel.model.load_export`` (strict): the file holds
+model1 and model2 load it with ``layers.load_export`` (strict): the file holds
 plain tensors and types only, so it loads with ``torch.load(weights_only=True)``.
 """
 import argparse
@@ -14,8 +14,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import runtime  # noqa: E402
-from tsv import DataError  # noqa: E402
-from multilabel.model import ImageEncoder, load_export  # noqa: E402
+from errors import DataError  # noqa: E402
+from layers import ImageEncoder, load_export  # noqa: E402
 
 
 def export(ckpt_path, out):

@@ -20,6 +20,8 @@ import torch  # noqa: E402
 import engine  # noqa: E402
 import runtime  # noqa: E402
 import utils  # noqa: E402
+from errors import DataError  # noqa: E402
+from layers import ENCODER_PRESETS  # noqa: E402
 from multilabel.model import PRESETS, build_model  # noqa: E402
 from multilabel.validation import make_evaluator  # noqa: E402
 
@@ -29,6 +31,8 @@ log = logging.getLogger("kddmm")
 def parse_args(argv=None):
     p = engine.core_parser(__doc__.split("\n")[0], PRESETS)
     g = p.add_argument_group("pretraining")
+    g.add_argument("--encoder", choices=sorted(ENCODER_PRESETS),
+                   help="the image encoder's sizes (layers.ENCODER_PRESETS)")
     g.add_argument("--lr", type=runtime.bounded(float, low=0, above=True, why="a learning rate"))
     g.add_argument("--weight-decay", type=runtime.bounded(float, low=0, why="0: no decay"))
     g.add_argument("--gamma", type=runtime.bounded(float, low=0, above=True, why="the factor "
@@ -43,8 +47,6 @@ def parse_args(argv=None):
                    help="1: LayerNorm over each region's raw features (published: 0)")
     g.add_argument("--word-vectors", help="optional word2vec/GloVe text file to initialise "
                                           "the word embeddings (dimension must match)")
-    g.add_argument("--eval-split", default="valid", help="split ranked after each epoch")
-    g.add_argument("--no-eval", action="store_true", help="skip the per-epoch validation")
     return p.parse_args(argv)
 
 
@@ -58,8 +60,8 @@ def load_word_vectors(path, vocab, dim):
                 continue  # word2vec header "count dim"
             if parts[0] in vocab.stoi:
                 if len(parts) - 1 != dim:
-                    raise utils.DataError("%s:%d: %d values, the preset needs %d"
-                                          % (path, i, len(parts) - 1, dim))
+                    raise DataError("%s:%d: %d values, the preset needs %d"
+                                    % (path, i, len(parts) - 1, dim))
                 found[vocab.stoi[parts[0]]] = np.asarray(parts[1:], np.float32)
     return found
 

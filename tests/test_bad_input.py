@@ -356,7 +356,8 @@ def test_pack_refuses_a_disk_without_room(tiny_world, tmp_path, monkeypatch):
 # Numbers refused at parse time, each with its own message
 # --------------------------------------------------------------------------------------
 def _parsers():
-    from model3 import retrieve, train as m3_train
+    from catalogue import retrieve
+    from model3 import train as m3_train
     from multilabel import validation as ml_validation
     return {"train": lambda argv: m3_train.parse_args(["--out", "o"] + argv),
             "retrieve": lambda argv: retrieve.parse_args(["--ckpt", "c.pt"] + argv),

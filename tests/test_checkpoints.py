@@ -12,11 +12,11 @@ import torch
 import matching
 import runtime
 import utils
+from layers import load_export
 from model1 import model as m1_model
 from model2 import model as m2_model
 from model3 import model as m3_model
 from multilabel import export_model
-from multilabel.model import load_export
 from multilabel.validation import load_pretrainer
 from tsv import DataError
 
@@ -122,20 +122,19 @@ def test_the_pretraining_checkpoint_and_export_record_their_stage(pretrained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,argv", [
-    ("model3/validation.py", ["--split", "valid"]),
-    ("model3/retrieve.py", ["--k", "5"]),
-    ("model1/validation.py", []),
+@pytest.mark.parametrize("script,argv,stage", [
+    ("model3/validation.py", ["--split", "valid"], "model3"),
+    ("catalogue/retrieve.py", ["--k", "5"], "model3"),
+    ("model1/validation.py", [], "model1"),
 ])
 def test_a_script_given_another_stages_checkpoint_ends_in_one_line(pretrained, tmp_path,
-                                                                    script, argv):
+                                                                    script, argv, stage):
     ckpt = os.path.join(pretrained, "best.pt")
     r = subprocess.run([sys.executable, os.path.join(utils.ROOT, script), "--ckpt", ckpt,
                         "--out", str(tmp_path / "out")] + argv, capture_output=True,
                        text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    stage = script.split("/")[0]
     assert r.stderr.strip().splitlines()[-1] == (
         "error: %s: a multilabel checkpoint; expected a %s checkpoint (%s/train.py's best.pt "
         "or last.pt)" % (ckpt, stage, stage))

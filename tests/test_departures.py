@@ -2,13 +2,14 @@
 and each option does what it says."""
 import torch
 
+import utils
+from layers import ENCODER_PRESETS, ImageEncoder
 from model1 import train as m1_train
 from model1.model import WordImageMatcher
 from model2 import train as m2_train
 from model2.model import SentenceImageMatcher
 from model3 import train as m3_train
 from multilabel import train as ml_train
-from multilabel.model import ENCODER_PRESETS, ImageEncoder
 
 
 def _parts():
@@ -43,7 +44,7 @@ def test_uniform_weights_leave_no_parameter_without_a_gradient():
     """Under DDP a parameter that never gets a gradient stops training; the word-weight MLP
     of --uniform-weights used to be built anyway."""
     m = WordImageMatcher(*_parts(), hidden=8, weight_hidden=8, uniform_weights=True)
-    loss, _ = m(**_batch())
+    loss, _ = m(**utils.batch_inputs(_batch(), utils.forward_keys(m.forward)))
     loss.backward()
     idle = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
     assert idle == []
@@ -56,6 +57,6 @@ def test_trunk_is_frozen_unless_tuned():
         assert all(p.requires_grad for p in tuned.encoder.trunk.parameters())
         frozen.train(), tuned.train()
         assert not frozen.encoder.trunk.training and tuned.encoder.trunk.training
-        loss, _ = tuned(**_batch())
+        loss, _ = tuned(**utils.batch_inputs(_batch(), utils.forward_keys(tuned.forward)))
         loss.backward()
         assert all(p.grad is not None for p in tuned.encoder.trunk.parameters())

@@ -25,7 +25,7 @@ class Toy(nn.Module):
         self.frozen = nn.Linear(3, 3)
         self.frozen.requires_grad_(False)
 
-    def forward(self, p_feats, y, **_):
+    def forward(self, p_feats, y):
         loss = (self.head(self.frozen(p_feats)).squeeze(-1) - y).pow(2).mean()
         return loss, {"mse": loss.detach()}
 
@@ -148,8 +148,8 @@ class Overflowing(Toy):
         super().__init__()
         self.edge = nn.Parameter(torch.tensor(-3.3e38))
 
-    def forward(self, **batch):
-        loss, parts = super().forward(**batch)
+    def forward(self, p_feats, y):
+        loss, parts = super().forward(p_feats, y)
         return loss + 1e-3 * self.edge, parts
 
 

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+import utils
+from layers import ENCODER_PRESETS, ImageEncoder
 from model1.model import WordImageMatcher, pairwise_loss
 from model2.model import SentenceImageMatcher
-from multilabel.model import ENCODER_PRESETS, ImageEncoder
 
 CFG = ENCODER_PRESETS["tiny"]
 
@@ -33,7 +34,7 @@ def _fit_one_batch(m, steps=40):
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(steps):
-        loss, _ = m(**b)
+        loss, _ = m(**utils.batch_inputs(b, utils.forward_keys(m.forward)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -126,7 +127,8 @@ def test_model2_loss_is_the_three_pair_kinds_scored_apart(readout):
     logits = torch.cat([m.logits(b["q_tokens"], img), m.logits(b["nq_tokens"], img),
                         m.logits(b["q_tokens"], n_img)])
     want = F.binary_cross_entropy_with_logits(logits, torch.tensor([1.0] * 4 + [0.0] * 8))
-    assert torch.allclose(m(**b)[0], want, atol=1e-6)
+    assert torch.allclose(m(**utils.batch_inputs(b, utils.forward_keys(m.forward)))[0], want,
+                          atol=1e-6)
 
 
 def test_model2_rejects_unknown_readout():

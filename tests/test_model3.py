@@ -21,8 +21,8 @@ import metric
 import runtime
 import tsv
 import utils
+from layers import ENCODER_PRESETS, ImageEncoder
 from model3 import model as m3_model, train as m3_train, validation as m3_validation
-from multilabel.model import ENCODER_PRESETS, ImageEncoder
 from test_stages import _common, _log, _torchrun
 
 CFG = ENCODER_PRESETS["tiny"]
@@ -51,8 +51,8 @@ def test_vectors_have_unit_norm_and_the_score_is_their_dot_product(pool, text):
     m.eval()
     b = _batch()
     with torch.no_grad():
-        image = m.encode_images({"boxes": b["p_boxes"], "feats": b["p_feats"],
-                                 "mask": b["p_mask"]})
+        image = m.encode_product_batch({"boxes": b["p_boxes"], "feats": b["p_feats"],
+                                        "mask": b["p_mask"]})
         tokens = torch.tensor([[4, 5, 0], [6, 0, 0], [0, 0, 0]])   # the last one empty
         text_vec = m.encode_queries(tokens)
         pairs = torch.tensor([[0, 1], [2, 3], [1, 0]])
@@ -72,7 +72,8 @@ def test_loss_masks_pairs_of_the_same_query():
     torch.manual_seed(0)
     text, image, neg_text, neg_image = F.normalize(torch.randn(4, 3, 4), dim=2)
     qi, scale = torch.tensor([7, 7, 2]), torch.tensor(10.0)
-    loss = m3_model.infonce_loss(text, image, qi, scale, neg_text=neg_text, neg_image=neg_image)
+    loss = m3_model.infonce_loss(text, image, qi, scale, neg_query=neg_text,
+                                 neg_product=neg_image)
     keep = [[0, 2], [1, 2], [0, 1, 2]]  # the columns row i compares against
 
     def side(a, b, neg):
@@ -82,11 +83,11 @@ def test_loss_masks_pairs_of_the_same_query():
     want = (side(text, image, neg_image) + side(image, text, neg_text)) / 2
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the logits stay float32
-        assert m3_model.infonce_loss(text, image, qi, scale, neg_text=neg_text,
-                                     neg_image=neg_image).item() == pytest.approx(loss.item())
+        assert m3_model.infonce_loss(text, image, qi, scale, neg_query=neg_text,
+                                     neg_product=neg_image).item() == pytest.approx(loss.item())
     # as two queries, rows 0 and 1 are each other's negatives: more terms in the softmax
     assert loss < m3_model.infonce_loss(text, image, torch.tensor([7, 8, 2]), scale,
-                                        neg_text=neg_text, neg_image=neg_image)
+                                        neg_query=neg_text, neg_product=neg_image)
 
 
 def test_loss_on_fixed_unit_vectors_by_log_sum_exp():
@@ -106,7 +107,7 @@ def test_loss_on_fixed_unit_vectors_by_log_sum_exp():
     # product -> queries, the same columns on the text side
     i2t = (row(.8, .96, .6) + row(1.0, .8, 0.0) + row(.6, 1.0, 0.0, .8)) / 3
     loss = m3_model.infonce_loss(text, image, torch.tensor([4, 4, 9]), torch.tensor(s),
-                                 neg_text=neg_text, neg_image=neg_image)
+                                 neg_query=neg_text, neg_product=neg_image)
     assert loss.item() == pytest.approx((t2i + i2t) / 2, rel=1e-6)
 
 
@@ -214,7 +215,7 @@ def test_raw_path_starts_at_zero_and_trains_at_the_image_rate():
     raw.eval(), plain.eval()
     regions = {"boxes": b["p_boxes"], "feats": b["p_feats"], "mask": b["p_mask"]}
     with torch.no_grad():
-        assert torch.equal(raw.encode_images(regions), plain.encode_images(regions))
+        assert torch.equal(raw.encode_product_batch(regions), plain.encode_product_batch(regions))
     raw.train()
     opt, _ = engine.make_optimizer(matching.param_groups(raw, a), a.gamma)
     names = {id(p): n for n, p in raw.named_parameters()}
@@ -229,7 +230,7 @@ def test_raw_path_starts_at_zero_and_trains_at_the_image_rate():
 def test_parameter_groups(freeze):
     """box embedding, pooling and projection at lr_image; text side and temperature at
     lr_text; the trunk at lr_trunk only when tuned."""
-    m, a = _model(freeze_trunk=freeze)
+    m, a = _model(tune_trunk=1 - freeze)
     opt, _ = engine.make_optimizer(matching.param_groups(m, a), a.gamma)
     names = {id(p): n for n, p in m.named_parameters()}
     groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]
@@ -246,12 +247,12 @@ def test_presets_pinned():
         return engine.apply_preset(m3_train.parse_args(["--out", "o", "--preset", preset]),
                                    m3_train.PRESETS)
     keys = ("batch_size", "lr_text", "lr_image", "lr_trunk", "weight_decay", "gamma", "epochs",
-            "p_near", "dim", "freeze_trunk", "pool", "text", "group_rows", "group_share",
+            "p_near", "dim", "tune_trunk", "pool", "text", "group_rows", "group_share",
             "raw_path")
     assert {p: tuple(getattr(args(p), k) for k in keys) for p in ("paper", "small", "tiny")} == {
-        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 1024, 1, "attn", "attn", 0, 1.0, 0),
-        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 5, 0.5, 256, 1, "attn", "gru", 8, 1.0, 0),
-        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 32, 1, "attn", "gru", 4, 1.0, 0)}
+        "paper": (130, 1e-4, 1e-4, 5e-6, 1e-6, 0.95, 5, 0.0, 1024, 0, "attn", "attn", 0, 1.0, 0),
+        "small": (128, 1e-3, 1e-3, 1e-4, 1e-6, 0.9, 5, 0.5, 256, 0, "attn", "gru", 8, 1.0, 0),
+        "tiny": (16, 1e-3, 1e-3, 1e-4, 1e-6, 0.95, 2, 0.5, 32, 0, "attn", "gru", 4, 1.0, 0)}
     a = args("paper")
     with torch.device("meta"):
         m = m3_model.build_model(ImageEncoder(ENCODER_PRESETS["paper"]), torch.empty(100, 1024), a)
@@ -297,14 +298,14 @@ def test_fine_tuned_trunk_is_stored_and_loads(pretrained, tiny_world, tmp_path):
     export = os.path.join(pretrained, "encoder.pt")
     out = str(tmp_path / "tuned")
     m3_train.main(_common(tiny_world, out, epochs=1) + ["--export", export, "--no-eval",
-                                                        "--freeze-trunk", "0"])
+                                                        "--tune-trunk", "1"])
     ck = runtime.load_checkpoint(os.path.join(out, "last.pt"))
     assert any(k.startswith("encoder.trunk.") for k in ck["model"])
     model, vocab, _ = matching.load_trained(m3_model.build_model, os.path.join(out, "last.pt"))
     assert model.encoder.tune_trunk
     cset = utils.CandidateSet.from_tsv(os.path.join(tiny_world.data, "valid/valid.tsv"), vocab)
     with torch.no_grad():
-        v = model.eval().encode_images(next(cset.product_batches(8)))
+        v = model.eval().encode_product_batch(next(cset.product_batches(8)))
     assert torch.allclose(v.norm(dim=1), torch.ones(len(v)), atol=1e-5)
 
 

@@ -20,9 +20,9 @@ import metric
 import sampler
 import tsv
 import utils
-from model3 import rerank
+from catalogue import rerank
+from layers import ENCODER_PRESETS, ImageEncoder
 from model4 import model as m4_model, train as m4_train, validation as m4_validation
-from multilabel.model import ENCODER_PRESETS, ImageEncoder
 from test_stages import _common, _log, _params
 
 CFG = ENCODER_PRESETS["tiny"]

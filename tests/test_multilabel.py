@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from multilabel.model import (ENCODER_PRESETS, ImageEncoder, Pretrainer, multilabel_loss,
-                              word_logits)
+from layers import ENCODER_PRESETS, ImageEncoder
+from multilabel.model import Pretrainer, multilabel_loss, word_logits
 
 CFG = ENCODER_PRESETS["tiny"]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import engine
+import layers
 import matching
 from model1 import model as m1_model, train as m1_train
 from model2 import model as m2_model, train as m2_train
@@ -40,7 +41,7 @@ def test_pretraining_paper_preset():
 
 def _matcher(stage, a):
     with torch.device("meta"):
-        encoder = ml_model.ImageEncoder(ml_model.ENCODER_PRESETS["paper"])
+        encoder = layers.ImageEncoder(layers.ENCODER_PRESETS["paper"])
         return stage.build_model(encoder, torch.empty(100, 1024), a)
 
 
@@ -73,9 +74,9 @@ def test_model2_paper_preset():
 
 def _tiny(stage, **options):
     torch.manual_seed(0)
-    cfg = ml_model.ENCODER_PRESETS["tiny"]
+    cfg = layers.ENCODER_PRESETS["tiny"]
     a = argparse.Namespace(**dict(stage.PRESETS["tiny"], **options))
-    return stage.build_model(ml_model.ImageEncoder(cfg), torch.randn(12, cfg["d_word"]), a), a
+    return stage.build_model(layers.ImageEncoder(cfg), torch.randn(12, cfg["d_word"]), a), a
 
 
 @pytest.mark.parametrize("stage", [m1_model, m2_model])
@@ -83,7 +84,7 @@ def _tiny(stage, **options):
 def test_parameter_groups(stage, lr_trunk):
     """image (pooling + output MLP) at lr_image, the trainable rest at lr_text, the trunk at
     lr_trunk only when tuned; the frozen word embeddings in no group of the optimizer."""
-    model, a = _tiny(stage, lr_trunk=lr_trunk)
+    model, a = _tiny(stage, lr_trunk=lr_trunk, tune_trunk=int(bool(lr_trunk)))
     opt, _ = engine.make_optimizer(matching.param_groups(model, a), a.gamma)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [{names[id(p)] for p in g["params"]} for g in opt.param_groups]

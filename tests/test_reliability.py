@@ -31,8 +31,8 @@ import synthetic
 import tsv
 import runtime
 import utils
+from layers import load_export
 from multilabel import export_model, train as ml_train, validation as ml_validation
-from multilabel.model import load_export
 from model1 import model as m1_model, train as m1_train
 from model2 import model as m2_model, train as m2_train, validation as m2_validation
 from rows import make_row, write_tsv
@@ -700,7 +700,7 @@ def test_nothing_is_written_outside_the_given_folders(tmp_path, tiny_world, pre)
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("k", [400, 455, 460])
 def test_hnsw_lists_hold_k_products_even_near_the_gallery_size(k):
-    from model3 import retrieve
+    from catalogue import retrieve
     gen = torch.Generator().manual_seed(0)
     gallery = torch.nn.functional.normalize(torch.randn(460, 16, generator=gen), dim=1)
     queries = torch.nn.functional.normalize(torch.randn(40, 16, generator=gen), dim=1)
@@ -724,7 +724,7 @@ def _stand_in_retrieval(tiny_world, monkeypatch):
 
 def _rows_of(root, splits):
     """{pid: (boxes, feats)} of every row of the given TSVs of a data root, first row kept."""
-    from model3 import retrieve
+    from catalogue import retrieve
     out = {}
     for split in splits:
         for pid, boxes, feats in retrieve.split_rows(os.path.join(root, split, split + ".tsv")):
@@ -736,7 +736,7 @@ def test_data_builds_the_whole_gallery_from_its_own_root(tiny_world, tmp_path, m
     """--data OTHER: every product comes from OTHER (train from its train.tsv), none from the
     checkpoint's store; --data naming the checkpoint's world by another path gives the
     store's results exactly."""
-    from model3 import retrieve
+    from catalogue import retrieve
     model, vocab = _stand_in_retrieval(tiny_world, monkeypatch)
     other = str(tmp_path / "other")
     synthetic.generate(other, "tiny", seed=3, log=lambda *a: None)
@@ -746,8 +746,8 @@ def test_data_builds_the_whole_gallery_from_its_own_root(tiny_world, tmp_path, m
     rows = _rows_of(other, ["train", "valid", "testA", "testB"])
     pids = sorted(rows)
     with torch.no_grad():
-        vecs = torch.cat([model.encode_images(dict(zip(("boxes", "feats", "mask"),
-                                                       utils.pad_regions([rows[p]]))))
+        vecs = torch.cat([model.encode_product_batch(dict(zip(("boxes", "feats", "mask"),
+                                                              utils.pad_regions([rows[p]]))))
                           for p in pids])
     cands = tsv.read_candidates(os.path.join(other, "valid", "valid.tsv"), with_arrays=False)
     got = metric.load_predictions(os.path.join(out, "valid_gallery_model3.json"))
@@ -803,7 +803,7 @@ BAD_BLENDS = {  # ensemble.json content -> the one line it gives
 @pytest.mark.parametrize("case", sorted(BAD_BLENDS))
 def test_a_bad_blend_is_refused_before_the_gallery_is_encoded(tiny_world, tmp_path,
                                                               monkeypatch, case):
-    from model3 import rerank, retrieve
+    from catalogue import rerank, retrieve
     _stand_in_retrieval(tiny_world, monkeypatch)
     content, says = BAD_BLENDS[case]
     blend = tmp_path / "run" / "prediction_result" / "ensemble.json"
@@ -818,7 +818,7 @@ def test_a_bad_blend_is_refused_before_the_gallery_is_encoded(tiny_world, tmp_pa
 
 def test_a_missing_split_is_named_before_the_gallery_is_encoded(tiny_world, tmp_path,
                                                                 monkeypatch):
-    from model3 import retrieve
+    from catalogue import retrieve
     _stand_in_retrieval(tiny_world, monkeypatch)
     monkeypatch.setattr(retrieve, "encode_gallery", lambda *a, **k: pytest.fail("encoded"))
     with pytest.raises(DataError, match=r"testB\.tsv: not found; expected the candidate TSV "

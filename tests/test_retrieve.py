@@ -1,6 +1,6 @@
-"""model3/retrieve.py: the exact chunked top K against a full sort (ties, chunk edges), K
+"""catalogue/retrieve.py: the exact chunked top K against a full sort (ties, chunk edges), K
 beyond the gallery, faiss against the exact search, the command's files on the tiny world
-with a stand-in model; re-ranking (model3/rerank.py) with stand-in members: one member
+with a stand-in model; re-ranking (catalogue/rerank.py) with stand-in members: one member
 weighted 1 sorts the K by its own pair scores, a blend computed by hand, the brute force of
 experiments/rerank_ceiling.py, the products read again from the store and the TSVs, the blend's
 file and checkpoints; slow: model3 trained on the tiny world, retrieved end to end, and
@@ -21,7 +21,8 @@ import tsv
 import utils
 from ensemble import HOWS
 from model1 import train as m1_train
-from model3 import rerank, retrieve, train as m3_train
+from catalogue import rerank, retrieve
+from model3 import train as m3_train
 from test_stages import _common
 from tsv import DataError
 
@@ -98,7 +99,7 @@ class StandIn(torch.nn.Module):
         torch.manual_seed(0)
         self.image, self.words = torch.nn.Linear(2048, dim), torch.nn.Embedding(n_words, dim)
 
-    def encode_images(self, batch):
+    def encode_product_batch(self, batch):
         m = batch["mask"][..., None].float()
         return F.normalize(self.image((batch["feats"] * m).sum(1) / m.sum(1)), dim=-1)
 
@@ -127,7 +128,8 @@ def _brute_force(model, vocab, tiny_world, split):
     with torch.no_grad():
         for pid, boxes, feats in retrieve.gallery_rows(sources):
             regions = utils.pad_regions([(boxes, feats)])
-            vecs.append(model.encode_images(dict(zip(("boxes", "feats", "mask"), regions)))[0])
+            batch = dict(zip(("boxes", "feats", "mask"), regions))
+            vecs.append(model.encode_product_batch(batch)[0])
             pids.append(pid)
     cands = tsv.read_candidates(os.path.join(tiny_world.data, split, split + ".tsv"),
                                 with_arrays=False)
@@ -167,9 +169,9 @@ def test_command_writes_the_k_best_products(tiny_world, tmp_path, monkeypatch, c
 def test_the_gallery_is_read_in_batches_and_sorted_by_product(tiny_world, monkeypatch):
     model, vocab = _stand_in(tiny_world, monkeypatch)
     sizes = []
-    encode = model.encode_images
-    monkeypatch.setattr(model, "encode_images", lambda b: sizes.append(len(b["mask"])) or
-                        encode(b))
+    encode = model.encode_product_batch
+    monkeypatch.setattr(model, "encode_product_batch",
+                        lambda b: sizes.append(len(b["mask"])) or encode(b))
     rows = [(p, np.ones((1 + p % 3, 5), np.float32), np.ones((1 + p % 3, 2048), np.float32))
             for p in [9, 3, 7, 1, 5, 2, 8]]
     pids, vecs = retrieve.encode_gallery(model, iter(rows), batch_size=2, sort_window=2)

@@ -1,4 +1,4 @@
-"""model3/index.py and model3/search.py on the tiny world: the saved index searched with a
+"""catalogue/index.py and catalogue/search.py on the tiny world: the saved index searched with a
 stand-in model equals retrieve.py's ranking for the same query texts; each product shown
 with its classes, box count and train queries; another checkpoint, a changed checkpoint,
 another catalogue and a folder of mixed files are refused; a query of unknown words is
@@ -15,7 +15,7 @@ import torch
 
 import tsv
 import utils
-from model3 import index as index_cmd, query, rerank, retrieve, saved_index, search
+from catalogue import index as index_cmd, query, rerank, retrieve, saved_index, search
 from model3 import train as m3_train
 from test_retrieve import _first_feature, _pair_scorer, _stand_in, _write_blend
 from test_stages import _common

@@ -13,8 +13,8 @@ import metric
 import tsv
 import runtime
 import utils
+from layers import load_export
 from multilabel import train as ml_train, validation as ml_validation
-from multilabel.model import load_export
 from model1 import train as m1_train, validation as m1_validation
 from model2 import model as m2_model, train as m2_train, validation as m2_validation
 
@@ -193,9 +193,10 @@ def test_matching_resume_equals_uninterrupted(pretrained, tiny_world, tmp_path):
         assert torch.allclose(pa[k], pb[k], atol=1e-6), k
 
 
-def test_model2_checkpoint_from_before_input_norm_loads(pretrained, tiny_world, tmp_path):
-    """A model2 checkpoint written before --no-input-norm/--readout existed (no such args,
-    no in_norm weights) loads as the model it was: no input LayerNorm, final states."""
+def test_model2_checkpoint_from_before_input_norm_is_refused(pretrained, tiny_world, tmp_path):
+    """A model2 checkpoint written before --input-norm/--readout existed (no such args, no
+    in_norm weights) is refused, naming the file and the option: the preset is the one
+    home of an option's value, and a checkpoint's model is never guessed at."""
     import matching
     out = str(tmp_path / "m2")
     export = os.path.join(pretrained, "encoder.pt")
@@ -204,16 +205,14 @@ def test_model2_checkpoint_from_before_input_norm_loads(pretrained, tiny_world, 
     ck = runtime.load_checkpoint(os.path.join(out, "last.pt"))
     assert not any(k.startswith("in_norm.") for k in ck["model"])
     new, _, _ = matching.load_trained(m2_model.build_model, os.path.join(out, "last.pt"))
+    assert isinstance(new.in_norm, torch.nn.Identity) and new.readout == "last"
     for k in ("input_norm", "readout"):
         del ck["args"][k]
     old_path = os.path.join(out, "old.pt")
     runtime.save_checkpoint(ck, old_path)
-    old, _, _ = matching.load_trained(m2_model.build_model, old_path)
-    assert isinstance(old.in_norm, torch.nn.Identity) and old.readout == "last"
-    tokens, image = torch.tensor([[4, 5, 6], [7, 0, 0]]), torch.randn(2, old.out.in_features)
-    old.eval(), new.eval()
-    with torch.no_grad():
-        assert torch.equal(old.logits(tokens, image), new.logits(tokens, image))
+    with pytest.raises(utils.DataError, match=r"old.pt: records no --input-norm: written by an "
+                                              r"older version of this project; retrain it"):
+        matching.load_trained(m2_model.build_model, old_path)
 
 
 def test_workers_train_exactly_as_the_main_process(pretrained, tiny_world, tmp_path):

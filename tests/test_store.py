@@ -213,7 +213,7 @@ def test_pad_tokens_keeps_ids_and_lengths():
 @pytest.mark.parametrize("uniform", [False, True])
 def test_model1_score_pairs_is_the_diagonal_of_score_matrix(uniform):
     from model1.model import WordImageMatcher
-    from multilabel.model import ENCODER_PRESETS, ImageEncoder
+    from layers import ENCODER_PRESETS, ImageEncoder
     torch.manual_seed(0)
     m = WordImageMatcher(ImageEncoder(ENCODER_PRESETS["tiny"]), torch.randn(12, 32), hidden=8,
                          weight_hidden=8, uniform_weights=uniform).eval()

@@ -11,7 +11,7 @@ import torch
 import sampler
 import synthetic
 import tsv
-from multilabel.model import ENCODER_PRESETS, ImageEncoder, Trunk, stabilise
+from layers import ENCODER_PRESETS, ImageEncoder, Trunk, stabilise
 
 
 def _train_regions(data, rows=40):

@@ -1,6 +1,6 @@
 """A saved index of the catalogue: its files, its manifest and the checks made on reading.
 
-``model3/index.py`` writes the folder once; ``model3/search.py`` reads it instead of
+``catalogue/index.py`` writes the folder once; ``catalogue/search.py`` reads it instead of
 encoding the catalogue again. The folder (written as one set, ``utils.write_folder``):
 
 - ``index.faiss``: the product vectors in a faiss index (``faiss.write_index``), row i
@@ -28,6 +28,7 @@ import numpy as np
 
 import tsv
 import utils
+from errors import DataError
 
 FORMAT = "model3-index/1"
 MANIFEST, INDEX, VECTORS, PIDS, PRODUCTS = ("manifest.json", "index.faiss", "vectors.npy",
@@ -38,7 +39,7 @@ def import_faiss():
     try:
         import faiss
     except ImportError:
-        raise utils.DataError("a saved index needs faiss: pip install faiss-cpu") from None
+        raise DataError("a saved index needs faiss: pip install faiss-cpu") from None
     return faiss
 
 
@@ -53,7 +54,7 @@ def file_sha256(path):
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except FileNotFoundError:
-        raise utils.DataError("%s: checkpoint not found" % path) from None
+        raise DataError("%s: checkpoint not found" % path) from None
     return h.hexdigest()
 
 
@@ -75,8 +76,8 @@ def class_names(data):
         for line, text in enumerate(f.read().splitlines()[1:], start=2):
             cid, sep, name = text.partition("\t")
             if not sep or not cid.isdigit():
-                raise utils.DataError("%s:%d: want category_id<TAB>category_name, got %r"
-                                      % (path, line, text[:60]))
+                raise DataError("%s:%d: want category_id<TAB>category_name, got %r"
+                                % (path, line, text[:60]))
             names[int(cid)] = name
     return [names.get(i, "class %d" % i) for i in range(max(names, default=-1) + 1)]
 
@@ -125,29 +126,29 @@ class SavedIndex:
                 raise ValueError("format %r, not %r" % (self.manifest.get("format"), FORMAT))
             self.pids = np.load(os.path.join(folder, PIDS))
         except FileNotFoundError as e:
-            raise utils.DataError("%s: not found; build the index with `python model3/index.py "
-                                  "--ckpt CKPT --out %s`" % (e.filename, folder)) from None
+            raise DataError("%s: not found; build the index with `python catalogue/index.py "
+                            "--ckpt CKPT --out %s`" % (e.filename, folder)) from None
         except (ValueError, OSError) as e:
-            raise utils.DataError("%s: not a saved index (%s); build it again with "
-                                  "model3/index.py" % (folder, e)) from None
+            raise DataError("%s: not a saved index (%s); build it again with "
+                            "catalogue/index.py" % (folder, e)) from None
         if ids_sha256(self.pids) != self.manifest["catalogue"]["sha256"]:
-            raise utils.DataError("%s: pids.npy is not the catalogue its manifest names (files "
-                                  "of two builds?); build it again with model3/index.py" % folder)
+            raise DataError("%s: pids.npy is not the catalogue its manifest names (files "
+                            "of two builds?); build it again with catalogue/index.py" % folder)
         self.index = import_faiss().read_index(os.path.join(folder, INDEX))
         if self.index.ntotal != len(self.pids):
-            raise utils.DataError("%s: index.faiss holds %d vectors, pids.npy %d products; build "
-                                  "it again with model3/index.py"
-                                  % (folder, self.index.ntotal, len(self.pids)))
+            raise DataError("%s: index.faiss holds %d vectors, pids.npy %d products; build "
+                            "it again with catalogue/index.py"
+                            % (folder, self.index.ntotal, len(self.pids)))
         self._products = None
 
     def check_checkpoint(self, path):
         """Refuse a checkpoint other than the one the vectors were encoded with."""
         built = self.manifest["checkpoint"]
         if file_sha256(path) != built["sha256"]:
-            raise utils.DataError(
+            raise DataError(
                 "%s was built from another checkpoint (%s, sha256 %s...) than %s: its product "
                 "vectors would not match this model's queries; build it again with "
-                "`python model3/index.py --ckpt %s --out %s`"
+                "`python catalogue/index.py --ckpt %s --out %s`"
                 % (self.folder, built["path"], built["sha256"][:12], path, path, self.folder))
 
     def check_catalogue(self, data):
@@ -156,9 +157,9 @@ class SavedIndex:
         ids = catalogue_ids(data, self.manifest["catalogue"]["info"],
                             self.manifest["catalogue"]["gallery"])
         if ids_sha256(ids) != self.manifest["catalogue"]["sha256"]:
-            raise utils.DataError(
+            raise DataError(
                 "%s was built from another catalogue (%s: %d products) than %s (%d products); "
-                "build it again with `python model3/index.py --data %s`"
+                "build it again with `python catalogue/index.py --data %s`"
                 % (self.folder, self.manifest["catalogue"]["data"], len(self.pids), data,
                    len(ids), data))
 
@@ -207,8 +208,8 @@ def catalogue_ids(data, info, gallery):
         else:
             path = os.path.join(data, split, split + ".tsv")
             if not os.path.exists(path):
-                raise utils.DataError("%s: not found, and the index's catalogue has the %s "
-                                      "split: another catalogue" % (path, split))
+                raise DataError("%s: not found, and the index's catalogue has the %s "
+                                "split: another catalogue" % (path, split))
             cands = tsv.read_candidates(path, with_arrays=False)
             ids.append(np.array([r["product_id"] for c in cands.values()
                                  for r in c["products"]], np.int64))

@@ -1,6 +1,6 @@
 """Full-gallery retrieval with model3: every query against every product of the data root.
 
-    python model3/retrieve.py --ckpt runs/model3/best.pt --split valid --split testB \
+    python catalogue/retrieve.py --ckpt runs/model3/best.pt --split valid --split testB \
         --k 100 --out runs/retrieval [--data DATA] [--index exact|faiss|hnsw] \
         [--rerank runs/prediction_result/ensemble.json [--member NAME=CKPT ...]]
 
@@ -17,7 +17,7 @@ OUT/valid_gallery_model3.json and OUT/test_gallery_model3.json (testB),
 OUT/gallery_metrics.json ({split: {metric: value}}). The files of one run are one set: those
 of an earlier run that this one does not write (another split, no --rerank, no gallery
 answers) are removed. With ``--rerank ENSEMBLE_JSON``, each
-query's K are then re-ranked by the blend ensemble.py recorded (``model3/rerank.py``) and
+query's K are then re-ranked by the blend ensemble.py recorded (``catalogue/rerank.py``) and
 written to OUT/{valid,test}_gallery_rerank.json, the metrics printed beside retrieval's.
 docs/retrieval.md.
 """
@@ -40,9 +40,10 @@ import metric  # noqa: E402
 import runtime  # noqa: E402
 import tsv  # noqa: E402
 import utils  # noqa: E402
-from model3 import rerank  # noqa: E402
+from catalogue import rerank  # noqa: E402
+from catalogue.query import check_k, encode_texts  # noqa: E402
+from errors import DataError  # noqa: E402
 from model3.model import build_model  # noqa: E402
-from model3.query import check_k, encode_texts  # noqa: E402
 
 CANDIDATE_SPLITS = ("valid", "testA", "testB")
 RECALL_AT = (10, 100)
@@ -92,7 +93,7 @@ def faiss_index(dim, hnsw=False):
     try:
         import faiss
     except ImportError:
-        raise utils.DataError("--index faiss/hnsw needs faiss: pip install faiss-cpu") from None
+        raise DataError("--index faiss/hnsw needs faiss: pip install faiss-cpu") from None
     if not hnsw:
         return faiss.IndexFlatIP(dim)
     index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
@@ -135,7 +136,7 @@ def split_rows(path, max_boxes=None, lines=None):
                 raise text
             row = tsv.parse_row(text)
         except ValueError as e:
-            raise utils.DataError("%s:%d: %s" % (path, line, e)) from None
+            raise DataError("%s:%d: %s" % (path, line, e)) from None
         boxes, feats, _ = utils.row_regions(row, max_boxes)
         if lines is not None:
             lines.setdefault(row["product_id"], (path, offset))
@@ -173,7 +174,7 @@ def encode_gallery(model, rows, batch_size=256, sort_window=16):
         for s in range(0, len(window), batch_size):
             part = window[s:s + batch_size]
             boxes, feats, mask = utils.pad_regions([(b, f) for _, b, f in part])
-            vecs.append(model.encode_images(dict(boxes=boxes, feats=feats, mask=mask))
+            vecs.append(model.encode_product_batch(dict(boxes=boxes, feats=feats, mask=mask))
                         .float().cpu())
             pids.extend(p for p, _, _ in part)
         window.clear()
@@ -184,7 +185,7 @@ def encode_gallery(model, rows, batch_size=256, sort_window=16):
             flush()
     flush()
     if not pids:
-        raise utils.DataError("the gallery is empty")
+        raise DataError("the gallery is empty")
     order = np.argsort(np.asarray(pids, np.int64), kind="stable")
     return np.asarray(pids, np.int64)[order], torch.cat(vecs)[torch.from_numpy(order)]
 
@@ -271,10 +272,10 @@ def train_from_tsv(a, ck_args):
         return False
     given = [f for f in ("store", "features", "packed", "info") if getattr(a, f, None)]
     if given:
-        raise utils.DataError("--%s names the train store of the checkpoint's data root %s; "
-                              "with --data %s the whole gallery comes from %s, train from its "
-                              "train/train.tsv: leave --%s out" % (
-                                  given[0], ck_args["data"], a.data, a.data, given[0]))
+        raise DataError("--%s names the train store of the checkpoint's data root %s; "
+                        "with --data %s the whole gallery comes from %s, train from its "
+                        "train/train.tsv: leave --%s out" % (
+                            given[0], ck_args["data"], a.data, a.data, given[0]))
     return True
 
 

@@ -5,7 +5,7 @@ any (query, product) pair: model1 to model4 (``matching.score_split``) and the
 pretraining score (``multilabel``, ``rank_split``). The scores are normalised per query with
 the blend's normalisation and mixed with its weights (``ensemble.blend_members``), a chunk
 of queries at a time: only that chunk's products have their regions in memory.
-``model3/retrieve.py --rerank`` runs it; docs/retrieval.md.
+``catalogue/retrieve.py --rerank`` runs it; docs/retrieval.md.
 """
 import json
 import os
@@ -25,6 +25,7 @@ import model3.model  # noqa: E402
 import model4.model  # noqa: E402
 import tsv  # noqa: E402
 import utils  # noqa: E402
+from errors import DataError  # noqa: E402
 from multilabel.validation import load_pretrainer, rank_split  # noqa: E402
 
 BUILDERS = {"model1": model1.model.build_model, "model2": model2.model.build_model,
@@ -44,16 +45,16 @@ def read_blend(path):
             blend = json.load(f)
         models, how, weights = blend["models"], blend["how"], blend["weights"]
     except FileNotFoundError:
-        raise utils.DataError("%s: not found; run ensemble.py first" % path) from None
+        raise DataError("%s: not found; run ensemble.py first" % path) from None
     except IsADirectoryError:
-        raise utils.DataError("%s: a folder; expected the ensemble.json of ensemble.py"
-                              % path) from None
+        raise DataError("%s: a folder; expected the ensemble.json of ensemble.py"
+                        % path) from None
     except (ValueError, KeyError, TypeError) as e:
-        raise utils.DataError("%s: not a blend of ensemble.py (%s: %s); rerun ensemble.py"
-                              % (path, type(e).__name__, e)) from None
+        raise DataError("%s: not a blend of ensemble.py (%s: %s); rerun ensemble.py"
+                        % (path, type(e).__name__, e)) from None
 
     def bad(reason, *args):
-        return utils.DataError("%s: %s" % (path, reason % args))
+        return DataError("%s: %s" % (path, reason % args))
     if not isinstance(models, list) or len(models) < 2 or \
             not all(isinstance(m, str) for m in models):
         raise bad("\"models\" must list two or more member names, got %r", models)
@@ -92,8 +93,8 @@ def member_checkpoints(blend_path, models, given=()):
     for item in given:
         name, sep, path = item.partition("=")
         if not sep or name not in paths:
-            raise utils.DataError("--member %s: want MEMBER=PATH, MEMBER one of the blend's "
-                                  "%s" % (item, ", ".join(models)))
+            raise DataError("--member %s: want MEMBER=PATH, MEMBER one of the blend's "
+                            "%s" % (item, ", ".join(models)))
         paths[name] = path
     return paths
 
@@ -118,9 +119,9 @@ def load_members(paths, device):
     first = list(paths)[0]
     for (name, path), (_, vocab, max_boxes) in zip(paths.items(), loaded):
         if vocab.itos != loaded[0][1].itos or max_boxes != loaded[0][2]:
-            raise utils.DataError("%s (%s) was trained on another vocabulary or --max-boxes "
-                                  "than %s: the members of a re-ranking must share both"
-                                  % (path, name, first))
+            raise DataError("%s (%s) was trained on another vocabulary or --max-boxes "
+                            "than %s: the members of a re-ranking must share both"
+                            % (path, name, first))
     return [s for s, _, _ in loaded], loaded[0][1], loaded[0][2]
 
 
@@ -171,9 +172,9 @@ class GalleryProducts:
         except ValueError:
             row = None
         if row is None or row["product_id"] != pid:
-            raise utils.DataError("%s: byte %d no longer starts product %d's row: the file "
-                                  "changed since its rows were listed (a saved index: build "
-                                  "it again)" % (path, offset, pid))
+            raise DataError("%s: byte %d no longer starts product %d's row: the file "
+                            "changed since its rows were listed (a saved index: build "
+                            "it again)" % (path, offset, pid))
         return utils.row_regions(row, self.max_boxes)
 
 

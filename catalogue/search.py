@@ -1,11 +1,11 @@
 """Search the saved catalogue with your own words.
 
-    python model3/search.py --index runs/index "red floral dress" "black jeans" \
+    python catalogue/search.py --index runs/index "red floral dress" "black jeans" \
         [--queries FILE] [--k 10] [--json] [--ckpt CKPT] [--data DATA] \
         [--rerank runs/prediction_result/ensemble.json [--member NAME=CKPT ...]]
 
 Each query (English or Chinese: the project's tokenizer, jieba for Chinese) is encoded by
-model3's text side alone and looked up in the index ``model3/index.py`` saved: the K best
+model3's text side alone and looked up in the index ``catalogue/index.py`` saved: the K best
 products by inner product, each with its score, its detector classes, its box count and
 the train queries it was a positive of. The checkpoint (``--ckpt``, default the one the
 index names) must be the one the index was built from; ``--data`` also checks that the
@@ -27,8 +27,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import runtime  # noqa: E402
-import utils  # noqa: E402
-from model3 import query, saved_index  # noqa: E402
+from catalogue import query, saved_index  # noqa: E402
+from errors import DataError  # noqa: E402
 
 SHOWN_QUERIES = 3  # train queries printed per product (--json gives them all)
 
@@ -39,9 +39,9 @@ def read_queries(path):
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
-        raise utils.DataError("%s: not found" % path) from None
+        raise DataError("%s: not found" % path) from None
     except UnicodeDecodeError as e:
-        raise utils.DataError("%s: not UTF-8 (%s)" % (path, e.reason)) from None
+        raise DataError("%s: not UTF-8 (%s)" % (path, e.reason)) from None
     return [t.strip() for t in lines if t.strip()]
 
 
@@ -68,7 +68,7 @@ def search(saved, model, vocab, texts, k):
 def rerank_ranked(a, saved, ranked, texts):
     """--rerank: each query's K re-ranked by the blend (``retrieve.rerank_splits``), its
     products read again from where the index read them."""
-    from model3 import rerank, retrieve  # the blend's members: loaded only when asked for
+    from catalogue import rerank, retrieve  # the blend's members: loaded only when asked for
     blend = rerank.load_blend(a.rerank, torch.device("cpu"), a.member)
     store, gallery = saved.manifest["store"], saved.manifest["catalogue"]["gallery"]
     if not store:  # train was read from its TSV (or is not in the gallery): rows, like the rest
@@ -132,7 +132,7 @@ def parse_args(argv=None):
     p.add_argument("--queries", dest="queries_file", metavar="FILE",
                    help="a file of queries, one per line")
     p.add_argument("--index", default=os.path.join("runs", "index"),
-                   help="the folder model3/index.py wrote")
+                   help="the folder catalogue/index.py wrote")
     p.add_argument("--k", type=int, default=10, help="products per query")
     p.add_argument("--json", action="store_true", help="print one JSON list of the queries")
     p.add_argument("--ckpt", help="model3 checkpoint (default: the one the index was built "

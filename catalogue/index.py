@@ -1,12 +1,12 @@
-"""Encode the whole catalogue once with model3 and save it as an index for model3/search.py.
+"""Encode the whole catalogue once with model3 and save it as an index for catalogue/search.py.
 
-    python model3/index.py --ckpt runs/model3/best.pt --out runs/index [--data DATA] \
+    python catalogue/index.py --ckpt runs/model3/best.pt --out runs/index [--data DATA] \
         [--index flat|hnsw] [--gallery SPLIT ...] [--no-progress]
 
 The catalogue is retrieve.py's gallery (train from the checkpoint's product store, the
 candidate splits from their TSV), encoded by retrieve.py's own functions. Then each
 product's detector classes and box count are read once more, its train queries looked up
-in info/, and the folder ``model3/saved_index.py`` describes is written as one set: the
+in info/, and the folder ``catalogue/saved_index.py`` describes is written as one set: the
 vectors, the ids, the faiss index (exact inner product by default), the product details
 and a manifest naming the checkpoint and the catalogue by their fingerprints.
 docs/retrieval.md.
@@ -27,7 +27,8 @@ import engine  # noqa: E402
 import matching  # noqa: E402
 import runtime  # noqa: E402
 import utils  # noqa: E402
-from model3 import rerank, retrieve, saved_index  # noqa: E402
+from catalogue import rerank, retrieve, saved_index  # noqa: E402
+from errors import DataError  # noqa: E402
 from model3.model import build_model  # noqa: E402
 
 
@@ -77,9 +78,9 @@ def main(argv=None):
     model.to(device).eval()
     data, info = a.data or ck["args"]["data"], a.info or ck["args"]["info"]
     if retrieve.train_from_tsv(a, ck["args"]):
-        raise utils.DataError("--data %s: the index holds the catalogue of the checkpoint's "
-                              "world (%s), whose train queries it shows; leave --data out"
-                              % (a.data, ck["args"]["data"]))
+        raise DataError("--data %s: the index holds the catalogue of the checkpoint's "
+                        "world (%s), whose train queries it shows; leave --data out"
+                        % (a.data, ck["args"]["data"]))
     gallery, lines = retrieve.gallery_splits(a, data), {}
     sources = retrieve.product_sources(a, ck["args"], gallery, lines)
     pids, vectors = retrieve.encode_gallery(
