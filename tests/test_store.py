@@ -98,7 +98,9 @@ def test_union_of_shards_equals_a_plain_run_byte_for_byte(tiny_world, tmp_path):
     shard_f, shard_i = str(tmp_path / "sf"), str(tmp_path / "si")
     _preprocess_sharded(tiny_world, shard_f, shard_i, [2, 0, 1], 3)  # any order
     names = sorted(os.listdir(plain_f))
-    assert names == sorted(os.listdir(shard_f)) and len(names) == 631
+    # every product's .npz and the fingerprint of the train.tsv they came from
+    assert names == sorted(os.listdir(shard_f)) and len(names) == 631 + 1
+    assert names[0] == prepare.SOURCE
     for name in names:
         with open(os.path.join(plain_f, name), "rb") as a, \
                 open(os.path.join(shard_f, name), "rb") as b:
