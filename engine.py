@@ -264,6 +264,10 @@ def fit(args, model, dataset, *, stage, dist, groups, collate, evaluate=None, ex
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start, best, history = ck["epoch"] + 1, ck["best"], ck["history"]
+        if start >= args.epochs:
+            raise DataError("%s: --resume: it already holds %d epochs and --epochs is %d: "
+                            "nothing to train; give --epochs above %d to train on"
+                            % (last, start, args.epochs, start))
         set_rng_state(ck["rng"])
         if dist.main:
             log.info("resumed from %s at epoch %d", last, start)

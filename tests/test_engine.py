@@ -134,6 +134,17 @@ def test_the_log_holds_this_runs_epochs_only(tmp_path):
         assert "note" not in f.read()
 
 
+def test_resume_with_nothing_left_to_train_is_an_error(tmp_path):
+    """--epochs at or below the epochs last.pt holds: one line, not an exit 0 that trained
+    nothing."""
+    out = str(tmp_path / "run")
+    _fit(_args(out, 2))
+    for epochs in (1, 2):
+        with pytest.raises(utils.DataError, match=r"already holds 2 epochs and --epochs is %d"
+                           % epochs):
+            _fit(_args(out, epochs, resume=True))
+
+
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     out = str(tmp_path / "run")
     with pytest.raises(utils.DataError, match=r"run/last\.pt: not found; --resume continues"):
