@@ -21,6 +21,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
 import ensemble  # noqa: E402
+import runtime  # noqa: E402
 from metric import load_answers, ndcg_per_query  # noqa: E402
 
 PRESET = ["multilabel", "model1", "model2", "model3"]
@@ -50,11 +51,8 @@ def rule_scores(pred_dir, valid_ans, test_ans, members, weighting, shrink):
 
 
 def data_root(run):
-    import torch
-    ck = torch.load(os.path.join(run, "model3", "best.pt"), map_location="cpu",
-                    weights_only=False)
-    args = ck["args"] if isinstance(ck["args"], dict) else vars(ck["args"])
-    return args["data"]
+    """The data root a finished run trained on: its model3 checkpoint's --data."""
+    return runtime.load_checkpoint(os.path.join(run, "model3", "best.pt"))["args"]["data"]
 
 
 def main(argv=None):
